@@ -1,0 +1,150 @@
+"""Ingest: raw samples of every source -> normalised RGB JPEGs in ``ingest/<source>/part-NNNNN.parquet``.
+
+Every input sample becomes exactly one row: ``status=success`` with the image, or a failure status
+with the reason (the run goes on). A part is the unit of parallelism and of resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pyarrow as pa
+
+from . import sources
+from .images import STATUS_OK, process_image
+from .labels import clean_class_name
+from .recipe import Recipe, Source, fingerprint
+from .stats import StageStats
+from .store import RunStore, write_parquet_atomic
+from .tables import INGEST
+
+log = logging.getLogger(__name__)
+STAGE = "ingest"
+CODE_VERSION = "ingest-v1"  # bump when the output of a part changes for the same input
+
+
+def make_uid(source: str, orig_id: str) -> str:
+    """Stable sample id: the same source + original id always gives the same uid."""
+    return hashlib.sha256(f"{source}\x00{orig_id}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def part_fingerprint(recipe: Recipe, part: sources.PartSpec) -> str:
+    return fingerprint(CODE_VERSION, part.fingerprint, recipe.image_size, recipe.ingest.jpeg_quality,
+                       recipe.ingest.max_image_pixels)
+
+
+def plan(recipe: Recipe, store: RunStore, names: Optional[Iterable[str]] = None) -> list[sources.PartSpec]:
+    """List the parts of every source (or of ``names``). Raises SourceError for a source that cannot be read."""
+    parts: list[sources.PartSpec] = []
+    spool = store.path(STAGE, "_raw")
+    for src in recipe.sources:
+        if names is not None and src.name not in names:
+            continue
+        parts += sources.plan(src, recipe.ingest.part_size, spool, recipe.seed)
+    return parts
+
+
+def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: int, max_pixels: int) -> tuple[pa.Table, StageStats]:
+    """Decode, normalise and describe every sample of one part. Pure: no run-store access."""
+    stats = StageStats(STAGE)
+    cols: dict[str, list] = {f.name: [] for f in INGEST}
+    synthetic = src.kind == "synthetic"
+    seen: set[str] = set()
+    for raw in sources.read(part):
+        stats.total += 1
+        oid = raw.orig_id
+        if oid in seen:  # the same id twice in one source would give the same uid twice
+            oid = f"{oid}#dup{stats.total}"
+        seen.add(oid)
+        label = raw.label
+        if label is not None:
+            try:
+                label.encode("utf-8")
+            except UnicodeEncodeError:
+                label = label.encode("utf-8", "replace").decode("utf-8")
+        if raw.error is not None:
+            status = "failed_to_download" if raw.error.startswith("failed_to_download") else "failed_to_read"
+            res = None
+            err = raw.error
+        else:
+            res = process_image(raw.data, image_size, quality, max_pixels)
+            status, err = res.status, res.error
+        if status == STATUS_OK and label is None and raw.caption is None:
+            status, err = "failed_no_label", "sample has neither a label nor a caption"
+        ok = status == STATUS_OK
+        if ok:
+            stats.kept += 1
+        else:
+            stats.drop(status, example=f"{src.name}:{oid}: {err}")
+        cols["uid"].append(make_uid(src.name, oid))
+        cols["source"].append(src.name)
+        cols["domain"].append(src.domain)
+        cols["role"].append(src.role)
+        cols["label"].append(label)
+        cols["class_name"].append(clean_class_name(label, src.class_names) if label is not None else None)
+        cols["orig_id"].append(oid)
+        cols["image"].append(res.jpeg if ok and res else None)
+        cols["width"].append(res.width if ok and res else None)
+        cols["height"].append(res.height if ok and res else None)
+        cols["orig_width"].append(res.orig_width if res else None)
+        cols["orig_height"].append(res.orig_height if res else None)
+        cols["sha256"].append(res.sha256 if ok and res else None)
+        cols["caption"].append(raw.caption)
+        cols["licence"].append(src.licence)
+        cols["synthetic"].append(synthetic)
+        cols["status"].append(status)
+        cols["error"].append(err)
+    stats.add("bytes_out", sum(len(b) for b in cols["image"] if b))
+    return pa.table(cols, schema=INGEST), stats
+
+
+def run_part(recipe: Recipe, store: RunStore, part: sources.PartSpec) -> StageStats:
+    """Ingest one part unless its done marker matches; returns the part's stats."""
+    unit = f"{part.source}/part-{part.part:05d}"
+    fp = part_fingerprint(recipe, part)
+    if store.is_done(STAGE, unit, fp):
+        return StageStats.from_dict(_read_stats(store, unit))
+    src = recipe.source(part.source)
+    stats = StageStats(STAGE)
+    with stats.timer():
+        table, s = process_part(src, part, recipe.image_size, recipe.ingest.jpeg_quality, recipe.ingest.max_image_pixels)
+        stats = stats.merge(s)
+        write_parquet_atomic(store.part_path(STAGE, part.source, part.part), table)
+    store.write_stats(stats, unit.replace("/", "__"))
+    store.mark_done(STAGE, unit, fp, rows=table.num_rows)
+    return stats
+
+
+def _read_stats(store: RunStore, unit: str) -> dict:
+    import json
+
+    p = store.path("stats", STAGE, unit.replace("/", "__") + ".json")
+    return json.loads(p.read_text()) if p.exists() else {"stage": STAGE}
+
+
+def prune(recipe: Recipe, store: RunStore, parts: list[sources.PartSpec]) -> None:
+    """Remove parts (and their stats/markers) left over from an earlier, larger version of a source."""
+    keep = {(p.source, p.part) for p in parts}
+    root = store.path(STAGE)
+    if not root.exists():
+        return
+    for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith("_")):
+        for f in sorted(d.glob("part-*.parquet")):
+            idx = int(f.stem.split("-")[1])
+            if (d.name, idx) not in keep:
+                f.unlink()
+                unit = f"{d.name}/part-{idx:05d}"
+                store.path("done", STAGE, unit + ".json").unlink(missing_ok=True)
+                store.path("stats", STAGE, unit.replace("/", "__") + ".json").unlink(missing_ok=True)
+
+
+def ingested_parts(store: RunStore, recipe: Recipe, role: Optional[str] = None) -> list[tuple[str, Path]]:
+    """(source, part path) of every ingested part, in recipe order."""
+    out = []
+    for src in recipe.sources:
+        if role is None or src.role == role:
+            out += [(src.name, p) for p in store.parts(STAGE, src.name)]
+    return out

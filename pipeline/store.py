@@ -1,0 +1,142 @@
+"""Run store: one folder per run, atomic writes, per-shard done markers with input fingerprints.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a killed
+run leaves either the old file or the new one, never half of one. A unit of work (a shard of a
+stage) is done when its marker ``done/<stage>/<unit>.json`` exists *and* records the fingerprint the
+current recipe computes for it; anything else is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .stats import StageStats
+
+PARQUET_KW = dict(compression="zstd", write_statistics=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``dest``; on success fsync and rename it onto ``dest``.
+
+    On any error the temp file is removed and ``dest`` is left untouched (a full disk included).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(dest: str | Path, data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(dest: str | Path, text: str) -> None:
+    write_bytes_atomic(dest, text.encode("utf-8"))
+
+
+def write_json_atomic(dest: str | Path, obj: Any) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_parquet_atomic(dest: str | Path, table: pa.Table, **kw: Any) -> None:
+    with atomic_path(dest) as tmp:
+        pq.write_table(table, tmp, **{**PARQUET_KW, **kw})
+
+
+def read_parquet(path: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+class RunStore:
+    """Paths and bookkeeping of one run folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    # ----- layout -----
+    def path(self, *parts: str) -> Path:
+        p = (self.root.joinpath(*parts)).resolve()
+        # Names come from recipes and labels: never let one escape the run folder.
+        if p != self.root and self.root not in p.parents:
+            raise ValueError(f"path {p} escapes the run folder {self.root}")
+        return p
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path(stage)
+
+    def part_path(self, stage: str, source: str, part: int, ext: str = "parquet") -> Path:
+        return self.path(stage, source, f"part-{part:05d}.{ext}")
+
+    def parts(self, stage: str, source: str) -> list[Path]:
+        d = self.path(stage, source)
+        return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+    # ----- done markers -----
+    def _marker(self, stage: str, unit: str) -> Path:
+        return self.path("done", stage, f"{unit}.json")
+
+    def is_done(self, stage: str, unit: str, fingerprint: str) -> bool:
+        m = self._marker(stage, unit)
+        if not m.exists():
+            return False
+        try:
+            return json.loads(m.read_text()).get("fingerprint") == fingerprint
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    def mark_done(self, stage: str, unit: str, fingerprint: str, **info: Any) -> None:
+        write_json_atomic(self._marker(stage, unit), {"fingerprint": fingerprint, **info})
+
+    def clear_done(self, stage: str) -> None:
+        d = self.path("done", stage)
+        if d.exists():
+            for p in d.rglob("*.json"):
+                p.unlink()
+
+    # ----- stats -----
+    def write_stats(self, stats: StageStats, unit: str) -> None:
+        write_json_atomic(self.path("stats", stats.stage, f"{unit}.json"), stats.to_dict())
+
+    def read_stats(self, stage: str) -> StageStats:
+        from .stats import load_stage_stats
+
+        return load_stage_stats(self.path("stats"), stage)
+
+    def clear_stats(self, stage: str, prefix: str = "") -> None:
+        d = self.path("stats", stage)
+        if d.exists():
+            for p in d.glob(f"{prefix}*.json"):
+                p.unlink()
