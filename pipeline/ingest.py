@@ -106,23 +106,17 @@ def run_part(recipe: Recipe, store: RunStore, part: sources.PartSpec) -> StageSt
     unit = f"{part.source}/part-{part.part:05d}"
     fp = part_fingerprint(recipe, part)
     if store.is_done(STAGE, unit, fp):
-        return StageStats.from_dict(_read_stats(store, unit))
+        return store.read_unit_stats(STAGE, unit)
     src = recipe.source(part.source)
     stats = StageStats(STAGE)
     with stats.timer():
         table, s = process_part(src, part, recipe.image_size, recipe.ingest.jpeg_quality, recipe.ingest.max_image_pixels)
         stats = stats.merge(s)
         write_parquet_atomic(store.part_path(STAGE, part.source, part.part), table)
-    store.write_stats(stats, unit.replace("/", "__"))
+    store.write_unit_stats(stats, unit)
     store.mark_done(STAGE, unit, fp, rows=table.num_rows)
     return stats
 
-
-def _read_stats(store: RunStore, unit: str) -> dict:
-    import json
-
-    p = store.path("stats", STAGE, unit.replace("/", "__") + ".json")
-    return json.loads(p.read_text()) if p.exists() else {"stage": STAGE}
 
 
 def prune(recipe: Recipe, store: RunStore, parts: list[sources.PartSpec]) -> None:

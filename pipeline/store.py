@@ -117,6 +117,14 @@ class RunStore:
         except (OSError, json.JSONDecodeError):
             return False
 
+    def done_fingerprint(self, stage: str, unit: str) -> Optional[str]:
+        """Fingerprint recorded by a finished unit (used to chain stage fingerprints), or None."""
+        m = self._marker(stage, unit)
+        try:
+            return json.loads(m.read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def mark_done(self, stage: str, unit: str, fingerprint: str, **info: Any) -> None:
         write_json_atomic(self._marker(stage, unit), {"fingerprint": fingerprint, **info})
 
@@ -134,6 +142,17 @@ class RunStore:
         from .stats import load_stage_stats
 
         return load_stage_stats(self.path("stats"), stage)
+
+    def read_unit_stats(self, stage: str, unit: str) -> StageStats:
+        """Stats written by one finished unit ('source/part-00001'), or empty stats."""
+        p = self.path("stats", stage, unit.replace("/", "__") + ".json")
+        try:
+            return StageStats.from_dict(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            return StageStats(stage)
+
+    def write_unit_stats(self, stats: StageStats, unit: str) -> None:
+        self.write_stats(stats, unit.replace("/", "__"))
 
     def clear_stats(self, stage: str, prefix: str = "") -> None:
         d = self.path("stats", stage)

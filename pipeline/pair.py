@@ -1,0 +1,76 @@
+"""Pair: give every successfully ingested train image up to k caption candidates.
+
+Original captions (image-text data) are kept as they are. Labeled images draw from their class's
+kept descriptions, deterministically from (seed, uid), so the scoring stage can pick the best match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import describe
+from .recipe import Recipe, fingerprint
+from .stats import StageStats
+from .store import RunStore, write_parquet_atomic
+from .tables import EXCLUDED, PAIRS
+
+STAGE = "pair"
+
+
+def _rank(seed: int, uid: str, n: int) -> list[int]:
+    keys = [hashlib.blake2b(f"{seed}\x00{uid}\x00{i}".encode(), digest_size=8).digest() for i in range(n)]
+    return sorted(range(n), key=lambda i: keys[i])
+
+
+def pair_table(ingest: pa.Table, descriptions: dict[tuple[str, str], list[str]], k: int, seed: int,
+               llm: bool) -> tuple[pa.Table, pa.Table, StageStats]:
+    """Pure pairing of one ingest part. Returns (pairs, excluded, stats)."""
+    stats = StageStats(STAGE)
+    ok = ingest.filter(pc.equal(ingest["status"], "success"))
+    uids, cands, srcs = [], [], []
+    ex: dict[str, list] = {f.name: [] for f in EXCLUDED}
+    for uid, source, domain, cls, cap in zip(ok["uid"].to_pylist(), ok["source"].to_pylist(), ok["domain"].to_pylist(),
+                                             ok["class_name"].to_pylist(), ok["caption"].to_pylist()):
+        stats.total += 1
+        if cap:
+            uids.append(uid), cands.append([cap]), srcs.append("original")
+            stats.kept += 1
+            continue
+        pool = descriptions.get((domain, cls), [])
+        if not pool:
+            stats.drop("no_description")
+            for col, v in zip(("uid", "source", "stage", "drop_reason", "detail"),
+                              (uid, source, STAGE, "no_description", f"class {cls!r} ({domain}) has no kept description")):
+                ex[col].append(v)
+            continue
+        order = _rank(seed, uid, len(pool))[:k]
+        uids.append(uid), cands.append([pool[i] for i in order]), srcs.append("llm" if llm else "template")
+        stats.kept += 1
+    pairs = pa.table({"uid": uids, "candidates": cands, "caption_source": srcs}, schema=PAIRS)
+    return pairs, pa.table(ex, schema=EXCLUDED), stats
+
+
+def run_part(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> StageStats:
+    unit = f"{source}/{part_path.stem}"
+    cfg = recipe.describe
+    fp = fingerprint(store.done_fingerprint("ingest", unit), store.done_fingerprint("describe", "all"),
+                     recipe.seed, cfg.captions_per_image)
+    if store.is_done(STAGE, unit, fp):
+        return store.read_unit_stats(STAGE, unit)
+    stats = StageStats(STAGE)
+    with stats.timer():
+        ingest = pq.read_table(part_path, columns=["uid", "source", "domain", "class_name", "caption", "status"])
+        pairs, excluded, s = pair_table(ingest, describe.load_kept(store), cfg.captions_per_image, recipe.seed,
+                                        llm=cfg.backend != "template")
+        stats = stats.merge(s)
+        write_parquet_atomic(store.path(STAGE, source, part_path.name), pairs)
+        write_parquet_atomic(store.path("excluded", STAGE, source, part_path.name), excluded)
+    store.write_unit_stats(stats, unit)
+    store.mark_done(STAGE, unit, fp, rows=pairs.num_rows)
+    return stats
+
