@@ -41,7 +41,7 @@ def collect_classes(recipe: Recipe, store: RunStore) -> list[ClassInfo]:
         t = t.filter(pc.and_(pc.equal(t["status"], "success"), pc.is_valid(t["class_name"])))
         for name in pc.unique(t["class_name"]).to_pylist():
             found.add(ClassInfo(src.domain, name, src.context))
-    return sorted(found)
+    return sorted(found, key=lambda c: (c.domain, c.class_name, c.context or ""))
 
 
 def descriptions_path(store: RunStore):
