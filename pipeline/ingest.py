@@ -111,8 +111,8 @@ def run_part(recipe: Recipe, store: RunStore, part: sources.PartSpec) -> StageSt
     stats = StageStats(STAGE)
     with stats.timer():
         table, s = process_part(src, part, recipe.image_size, recipe.ingest.jpeg_quality, recipe.ingest.max_image_pixels)
-        stats = stats.merge(s)
         write_parquet_atomic(store.part_path(STAGE, part.source, part.part), table)
+    stats = s.merge(stats)  # s has the counts, stats the time
     store.write_unit_stats(stats, unit)
     store.mark_done(STAGE, unit, fp, rows=table.num_rows)
     return stats

@@ -67,9 +67,9 @@ def run_part(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> S
         ingest = pq.read_table(part_path, columns=["uid", "source", "domain", "class_name", "caption", "status"])
         pairs, excluded, s = pair_table(ingest, describe.load_kept(store), cfg.captions_per_image, recipe.seed,
                                         llm=cfg.backend != "template")
-        stats = stats.merge(s)
         write_parquet_atomic(store.path(STAGE, source, part_path.name), pairs)
         write_parquet_atomic(store.path("excluded", STAGE, source, part_path.name), excluded)
+    stats = s.merge(stats)  # s has the counts, stats the time
     store.write_unit_stats(stats, unit)
     store.mark_done(STAGE, unit, fp, rows=pairs.num_rows)
     return stats

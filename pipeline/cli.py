@@ -1,0 +1,155 @@
+"""`alive` command line: build, demo, validate, schema (+ the stage tools mounted below)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from .recipe import RecipeError, load_recipe, recipe_json_schema
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ALive dataset factory: agriculture image-text data.")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _print_summary(result: dict) -> None:
+    rows = result.get("stages", [])
+    typer.echo(f"\nrun folder: {result['out']}")
+    typer.echo(f"{'stage':<10}{'total':>9}{'kept':>9}{'dropped':>9}  {'seconds':>8}  reasons")
+    for r in rows:
+        typer.echo(f"{r['stage']:<10}{r['total']:>9}{r['kept']:>9}{r['dropped']:>9}  {r['seconds']:>8}  {r['reasons']}")
+    typer.echo(f"shards: {result.get('shards')}  samples: {result.get('samples')}")
+    for k, v in (result.get("models") or {}).items():
+        typer.echo(f"model[{k}]: {v}")
+
+
+def _quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (re-use it to resume)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set score.min_score=0.3"),
+    progress: bool = typer.Option(True, help="Progress bars on stderr."),
+) -> None:
+    """Run the build-alive flow (every stage) for RECIPE into OUT."""
+    _quiet_prefect()
+    overrides = _parse_sets(set_)
+    try:
+        load_recipe(recipe, overrides)  # fail fast, before starting Prefect
+    except RecipeError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    from flows.build_alive import build_alive
+
+    try:
+        result = build_alive(str(recipe), str(out), overrides or None, progress)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    _print_summary(result)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    recipe: Path = typer.Option(PROJECT_ROOT / "recipes" / "demo.yaml", "--recipe", "-r"),
+) -> None:
+    """Offline demo: build the tiny local models if missing, then build recipes/demo.yaml."""
+    from .tiny_models import build_tiny_clip
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    r = load_recipe(recipe)
+    for m in {r.score.model, r.train.model}:
+        if m and not m.startswith(("openai/", "google/")) and "tiny" in m:
+            p = Path(m)  # relative model paths are relative to the working directory
+            typer.echo(f"tiny untrained CLIP at {p} (built locally if missing)")
+            build_tiny_clip(p, extra_text=_class_names(r))
+    build(recipe=recipe, out=out, set_=[], progress=True)
+
+
+def _class_names(r) -> list[str]:
+    names = []
+    for s in r.sources:
+        names += list(getattr(s, "classes", []) or [])
+    return names
+
+
+@app.command()
+def validate(recipe: Path) -> None:
+    """Check a recipe; prints the problems (with the key and the file) or 'ok'."""
+    try:
+        r = load_recipe(recipe)
+    except RecipeError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"ok: {r.name} ({len(r.sources)} sources, hash {r.sha})")
+
+
+@app.command()
+def schema(out: Path = typer.Option(PROJECT_ROOT / "schemas", help="Folder to write the schemas to.")) -> None:
+    """Write the recipe JSON Schema and the Arrow table schemas (schemas/)."""
+    from .tables import dump_all
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.schema.json").write_text(json.dumps(recipe_json_schema(), indent=2, sort_keys=True) + "\n")
+    (out / "tables").mkdir(exist_ok=True)
+    for name, text in dump_all().items():
+        (out / "tables" / f"{name}.json").write_text(text)
+    typer.echo(f"schemas written to {out}")
+
+
+def _mount() -> None:
+    """Stage tools that live with their stage."""
+    try:
+        from .mix.cli import app as mixing_law_app
+
+        app.add_typer(mixing_law_app, name="mixing-law", help="Fit data-mixing laws and pick a general share.")
+    except ImportError:
+        pass
+    try:
+        from .train.cli import app as train_app
+
+        for cmd in train_app.registered_commands:
+            app.registered_commands.append(cmd)
+    except ImportError:
+        pass
+    for mod in ("upload", "report"):
+        try:
+            m = __import__(f"pipeline.{mod}", fromlist=["register_cli"])
+            if hasattr(m, "register_cli"):
+                m.register_cli(app)
+        except ImportError:
+            pass
+
+
+_mount()
+
+
+def main() -> None:  # pragma: no cover
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
