@@ -131,69 +131,127 @@ class IngestConfig(_Model):
 
 
 class DescribeConfig(_Model):
+    """Describe stage: which generator writes the class descriptions and how it is asked.
+
+    Sampling fields left as None take the prompt set's values (``prompts/<domain>.yaml``).
+    """
+
     backend: Literal["template", "openai", "transformers"] = "template"
-    base_url: str = "http://localhost:8000/v1"
-    model: Optional[str] = None
+    base_url: str = Field("http://localhost:8000/v1", description="OpenAI-compatible server (vllm serve).")
+    model: Optional[str] = Field(None, description="Served model name (openai) or hub id / local folder (transformers).")
+    api: Literal["chat", "completions"] = Field("chat", description="/v1/chat/completions or /v1/completions.")
     api_key_env: str = Field("VLLM_API_KEY", description="Name of the env var holding the API key.")
     prompts: str = "prompts"
-    n_per_question: int = Field(10, ge=1)
-    temperature: float = Field(0.99, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(60, ge=1)
+    n_per_question: Optional[int] = Field(None, ge=1, description="Samples per question (None: prompt set's n).")
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
     stop: Optional[list[str]] = None
-    concurrency: int = Field(64, ge=1)
-    timeout: float = Field(60.0, gt=0)
-    max_retries: int = Field(6, ge=0)
+    seed: Optional[int] = Field(0, description="Base of the per-request sampling seed (None: send no seed).")
+    concurrency: int = Field(64, ge=1, description="Requests in flight at most.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request attempt.")
+    max_retries: int = Field(6, ge=0, description="Retries per request on timeouts, 429, 5xx and broken replies.")
+    backoff_base: float = Field(0.5, ge=0, description="First retry waits up to this many seconds (doubling).")
+    backoff_max: float = Field(30.0, ge=0, description="Longest wait between retries (Retry-After may ask more).")
     use_n: bool = Field(True, description="Ask for n samples in one request where the server supports it.")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Passed through (e.g. structured_outputs).")
+    cache: bool = Field(True, description="Persistent request cache at <run>/describe/cache.sqlite.")
     non_visual_terms: Optional[list[str]] = Field(None, description="Override the list of non-visual claims to drop.")
+    require_class_mention: bool = Field(True, description="Drop sentences naming neither the class nor its head noun.")
+    clip_tokenizer: Optional[str] = Field(
+        "openai/clip-vit-base-patch32",
+        description="Tokenizer (local folder or cached hub id) that bounds texts to max_text_tokens; a "
+        "conservative word/char estimate is used when it cannot be loaded offline.",
+    )
+    max_text_tokens: int = Field(77, ge=8, description="CLIP's context length, start and end tokens included.")
     captions_per_image: int = Field(4, ge=1, description="Candidate captions stored per image (best-of-k).")
     device: str = "auto"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (transformers backend).")
 
 
 class DedupConfig(_Model):
-    exact: bool = True
-    near_cosine: Optional[float] = Field(0.96, gt=0, le=1)
-    block_size: int = Field(8192, ge=1)
+    exact: bool = Field(True, description="Drop byte-identical images (sha256) across all train sources.")
+    near_cosine: Optional[float] = Field(
+        0.96, gt=0, le=1, description="Drop images whose embedding cosine to a better-scoring kept image is >= this."
+    )
+    block_size: int = Field(8192, ge=1, description="Rows per block of the similarity products (memory ~ block^2).")
 
 
 class TopFraction(_Model):
-    fraction: float = Field(gt=0, le=1)
+    fraction: float = Field(gt=0, le=1, description="Keep the best ceil(fraction * n) pairs by CLIP score.")
     by: Literal["global", "source", "class"] = "global"
 
 
 class ScoreConfig(_Model):
     enabled: bool = True
-    model: str = "openai/clip-vit-base-patch32"
-    device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    model: str = Field("openai/clip-vit-base-patch32", description="CLIP or SigLIP: hub id or local folder.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32."
+    )
     batch_size: int = Field(64, ge=1)
-    best_of_k: bool = True
+    best_of_k: bool = Field(True, description="Keep the best-scoring of an image's caption candidates.")
     min_score: Optional[float] = 0.25
     top: Optional[TopFraction] = None
-    min_side: Optional[int] = Field(None, ge=1)
-    max_aspect: Optional[float] = Field(None, gt=1)
+    min_side: Optional[int] = Field(None, ge=1, description="Drop images whose original shorter side is smaller.")
+    max_aspect: Optional[float] = Field(None, gt=1, description="Drop images whose long/short side ratio is larger.")
     dedup: DedupConfig = Field(default_factory=DedupConfig)
-    decontaminate: bool = True
+    decontaminate: bool = Field(True, description="Drop train images that (near-)duplicate an eval-source image.")
     decontaminate_cosine: float = Field(0.96, gt=0, le=1)
-    write_embeddings: bool = True
 
 
 class MixConfig(_Model):
+    """Mix stage: how many rows of each bucket (domain, or domain/source) go to the shards.
+
+    Targets come from exactly one of: ``shares`` (per bucket), ``general_share`` (general vs domain
+    data, the domain side split by ``domain_split``), or neither (every bucket in proportion to its
+    pool). Within a bucket, classes are balanced by temperature (p ∝ n^(1/T)) under a per-class cap;
+    samples may repeat up to ``max_repeats`` times. Targets the pool cannot meet are reported in
+    ``mix/mix_report.json`` and handled as ``on_infeasible`` says.
+    """
+
     enabled: bool = True
-    shares: Optional[dict[str, float]] = Field(None, description="Target share per bucket; must sum to 1.")
+    shares: Optional[dict[str, float]] = Field(
+        None, description="Target share per bucket (domain, or source name with bucket_by: source); sums to 1."
+    )
+    general_share: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="Instead of shares: share of the general bucket(s); the rest goes to the domain buckets.",
+    )
+    domain_split: Literal["proportional", "equal", "temperature"] = Field(
+        "proportional",
+        description="How general_share's two sides are split over their buckets: in proportion to the "
+        "pool (after class caps), equally, or by temperature (pool^(1/split_temperature)).",
+    )
     bucket_by: Literal["domain", "source"] = "domain"
-    total: Optional[int] = Field(None, ge=1, description="Rows in the mix; None = as large as caps allow.")
-    class_temperature: float = Field(1.0, gt=0)
-    class_cap: Optional[int] = Field(None, ge=1)
-    max_repeats: int = Field(1, ge=1)
+    source_split: Optional[Literal["proportional", "equal", "temperature"]] = Field(
+        None, description="Sub-bucket each domain by source ('domain/source' buckets), splitting its share this way."
+    )
+    split_temperature: float = Field(2.0, gt=0, description="Temperature of 'temperature' splits.")
+    total: Optional[int] = Field(
+        None, ge=1,
+        description="Rows in the mix (repeats counted). None = as large as the caps allow: the bucket with the "
+        "most data for its share is used once, no bucket beyond class_cap x max_repeats.",
+    )
+    on_infeasible: Literal["shrink", "keep_total", "error"] = Field(
+        "shrink",
+        description="When a bucket cannot supply its share of total: 'shrink' the total to the largest size "
+        "that meets every share exactly, 'keep_total' and fill the missing rows from the other buckets "
+        "(shares then differ from target), or 'error'. Every case is recorded in mix_report.json.",
+    )
+    class_temperature: float = Field(1.0, gt=0, description="Class balancing in a bucket: p ∝ n^(1/T); 1 = natural.")
+    class_cap: Optional[int] = Field(
+        None, ge=1, description="At most this many rows per class (repeats counted), MetaCLIP-style."
+    )
+    max_repeats: int = Field(1, ge=1, description="Upsampling limit: copies of one sample in the mix.")
 
     @field_validator("shares")
     @classmethod
     def _shares_sum(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
         if v is None:
             return v
+        if not v:
+            raise ValueError("shares is empty: name at least one bucket, or leave shares out")
         bad = {k: s for k, s in v.items() if not (0 <= s <= 1)}
         if bad:
             raise ValueError(f"every share must be within [0, 1], got {bad}")
@@ -202,6 +260,14 @@ class MixConfig(_Model):
             raise ValueError(f"shares must sum to 1, they sum to {total:.6g}: {v}")
         return v
 
+    @model_validator(mode="after")
+    def _one_target(self) -> "MixConfig":
+        if self.shares is not None and self.general_share is not None:
+            raise ValueError("set either mix.shares or mix.general_share, not both")
+        if self.source_split is not None and self.bucket_by != "domain":
+            raise ValueError("mix.source_split sub-buckets domains by source: it needs bucket_by: domain")
+        return self
+
 
 class WriteConfig(_Model):
     samples_per_shard: int = Field(10000, ge=1)
@@ -209,30 +275,74 @@ class WriteConfig(_Model):
 
 
 class TrainConfig(_Model):
+    """Contrastive fine-tune of a CLIP on the run's webdataset shards.
+
+    Defaults follow AgriCLIP's ViT-B/32 recipe (open_clip: AdamW betas 0.9/0.98, eps 1e-6, weight decay
+    0.2, batch 128, lr 1e-3, warmup then cosine), scaled to the recipe: the lr scales linearly with the
+    effective batch (``batch_size * grad_accum``) relative to 128, and warmup is a share of the steps.
+    """
+
     enabled: bool = False
-    model: str = "openai/clip-vit-base-patch32"
+    model: str = Field("openai/clip-vit-base-patch32",
+                       description="Hub id or local folder of a transformers CLIP (weights, tokenizer, processor).")
     from_config: Optional[dict[str, Any]] = Field(
-        None, description="Build a randomly initialised CLIP from this config instead of loading weights."
+        None, description="Build a randomly initialised CLIP from this CLIPConfig instead of loading weights "
+                          "(the tokenizer and image processor still come from `model`)."
     )
-    epochs: float = Field(1, gt=0)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.2, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_accum: int = Field(1, ge=1)
-    freeze: Optional[Literal["vision", "text"]] = None
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    epochs: float = Field(1, gt=0, description="Passes over the shards (sizes.json counts); fractions allowed.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    batch_size: int = Field(128, ge=2, description="Contrastive batch per micro-step (the negatives of a step).")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; the loss is computed over all of them "
+                             "(open_clip's feature cache), so accumulation also adds negatives."
+    )
+    lr: Optional[float] = Field(None, gt=0, description="Peak lr; None = 1e-3 * batch_size * grad_accum / 128.")
+    weight_decay: float = Field(0.2, ge=0, description="Not applied to biases, norms, embeddings, logit_scale.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: Optional[int] = Field(None, ge=0, description="None = 5% of the optimizer steps (at least 1).")
+    grad_clip: Optional[float] = Field(None, gt=0, description="Clip the gradient norm to this value.")
+    freeze: Optional[Literal["vision", "text"]] = Field(
+        None, description="Lock one tower (LiT: 'vision' keeps the image tower fixed and tunes the text tower)."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on a GPU that has it (fp16 + loss scaling otherwise), fp32 on CPU."
+    )
     device: str = "auto"
-    save_every: int = Field(500, ge=1)
+    augment: bool = Field(True, description="Random resized crop (area 0.9-1.0) as open_clip's train transform.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples in the seeded shuffle buffer.")
+    workers: int = Field(4, ge=1, description="Image decode threads.")
+    log_every: int = Field(10, ge=1, description="Optimizer steps per metrics.jsonl line.")
+    save_every: int = Field(500, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
 
 
 class EvalConfig(_Model):
+    """Zero-shot classification of every ``role: eval`` source, base model vs fine-tuned model."""
+
     enabled: bool = False
     classifiers: list[Literal["template", "descriptions", "both"]] = Field(
-        default_factory=lambda: ["template", "descriptions", "both"]
+        default_factory=lambda: ["template", "descriptions", "both"],
+        description="template = prompts/templates.yaml; descriptions = the describe stage's class sentences "
+                    "(CuPL: mean of normalised text embeddings); both = the two sets together.",
+    )
+    base_model: Optional[str] = Field(
+        None, description="Model to compare against; None = train.model (or the random init of train.from_config)."
     )
     batch_size: int = Field(64, ge=1)
+    max_per_task: Optional[int] = Field(None, ge=1, description="Evaluate at most this many images per source.")
+    device: str = "auto"
+
+    @field_validator("classifiers")
+    @classmethod
+    def _classifiers_ok(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("eval.classifiers needs at least one of template, descriptions, both")
+        if len(set(v)) != len(v):
+            raise ValueError(f"eval.classifiers has repeats: {v}")
+        return v
 
 
 class UploadConfig(_Model):

@@ -49,7 +49,13 @@ def descriptions_path(store: RunStore):
 
 
 def run(recipe: Recipe, store: RunStore, classes: list[ClassInfo]) -> StageStats:
-    """Describe every class with the recipe's backend; skipped when inputs + config are unchanged."""
+    """Describe every class with the recipe's backend; skipped when inputs + config are unchanged.
+
+    Writes ``describe/descriptions.parquet`` (every sentence with its keep/reject decision) and the
+    stage stats. A class whose requests kept failing is recorded with ``reject_reason=request_failed:
+    ...``; the stage then is *not* marked done, so the next run asks again for exactly those samples
+    (everything answered is in the request cache), and the failure is logged loudly at the end.
+    """
     from .template import TemplateBackend
 
     cfg = recipe.describe
@@ -74,21 +80,70 @@ def run(recipe: Recipe, store: RunStore, classes: list[ClassInfo]) -> StageStats
                                                ("question_id", "ascending"), ("sample_index", "ascending")])
     stats.total += table.num_rows
     stats.kept += int(pc.sum(table["kept"]).as_py() or 0)
-    for reason, n in _reason_counts(table).items():
-        stats.drop(reason, n)
+    for reason, (n, example) in _reason_counts(table).items():
+        stats.drop(reason, n, example=example)
+    failed = failed_classes(table)
+    stats.counters["failed_classes"] = len(failed)
+    if classes and len(failed) == len(classes) and stats.kept == 0:
+        reasons = sorted({r for rs in failed.values() for r in rs})
+        raise RuntimeError(f"describe: every class failed ({len(classes)}); nothing written. Reasons: {reasons[:3]}")
     write_parquet_atomic(out, table)
     store.clear_stats(STAGE)
     store.write_stats(stats, "all")
-    store.mark_done(STAGE, "all", fp, rows=table.num_rows)
+    if failed:
+        names = ", ".join(f"{d}/{c}" for d, c in sorted(failed)[:20]) + (" ..." if len(failed) > 20 else "")
+        example = next(iter(sorted(failed.items())))[1][0]
+        log.error("describe: %d of %d classes FAILED (some of their requests kept failing, e.g. %r): %s. "
+                  "Their missing samples are recorded as request_failed; the other classes are complete. "
+                  "Re-run the stage to retry only what is missing.", len(failed), len(classes), example, names)
+    else:
+        store.mark_done(STAGE, "all", fp, rows=table.num_rows)
     return stats
 
 
-def _reason_counts(table: pa.Table) -> dict[str, int]:
-    rej = table.filter(pc.invert(table["kept"]))
-    out: dict[str, int] = {}
-    for r in rej["reject_reason"].to_pylist():
-        out[r or "unknown"] = out.get(r or "unknown", 0) + 1
+FAILED_PREFIXES = ("request_failed", "generation_failed")
+
+
+def failed_classes(table: pa.Table) -> dict[tuple[str, str], list[str]]:
+    """(domain, class_name) -> distinct failure reasons, for classes with failed requests."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for d, c, r in zip(table["domain"].to_pylist(), table["class_name"].to_pylist(),
+                       table["reject_reason"].to_pylist()):
+        if r and r.startswith(FAILED_PREFIXES):
+            rs = out.setdefault((d, c), [])
+            if r not in rs:
+                rs.append(r)
     return out
+
+
+def _reason_counts(table: pa.Table) -> dict[str, tuple[int, str]]:
+    """Stats key (the reason before any ':' detail) -> (count, first full reason)."""
+    rej = table.filter(pc.invert(table["kept"]))
+    out: dict[str, tuple[int, str]] = {}
+    for r in rej["reject_reason"].to_pylist():
+        full = r or "unknown"
+        key = full.split(":", 1)[0].strip() or "unknown"
+        n, ex = out.get(key, (0, full))
+        out[key] = (n + 1, ex)
+    return out
+
+
+def summary_lines(stats: StageStats) -> list[str]:
+    """Human-readable stage summary: requests, tokens, throughput, cache, failures, kept/rejected."""
+    c = stats.counters
+    lines = [
+        f"classes {int(c.get('classes', 0))}, samples {int(c.get('samples', 0))}, "
+        f"cache hits {int(c.get('cache_hits', 0))} ({100 * float(c.get('cache_hit_rate', 0)):.1f}%)",
+        f"requests {int(c.get('requests', 0))} (ok {int(c.get('requests_ok', 0))}, retries "
+        f"{int(c.get('retries', 0))}, failed {int(c.get('failed_requests', 0))})",
+        f"tokens in {int(c.get('tokens_in', 0))}, out {int(c.get('tokens_out', 0))}, "
+        f"{float(c.get('tokens_per_s', 0)):.1f} tokens/s over {float(c.get('generation_seconds', 0)):.1f}s",
+        f"sentences kept {stats.kept} of {stats.total}; rejected: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(stats.dropped.items())) or "none"),
+    ]
+    if c.get("failed_classes"):
+        lines.append(f"FAILED classes: {int(c['failed_classes'])} (re-run to retry them)")
+    return lines
 
 
 def load_kept(store: RunStore) -> dict[tuple[str, str], list[str]]:
