@@ -34,6 +34,10 @@ def _counts(store: RunStore) -> tuple[int, Counter, Counter, Counter, Counter]:
             Counter(t["caption_source"].to_pylist()))
 
 
+def _data_bytes(store: RunStore) -> int:
+    return sum(p.stat().st_size for p in store.path("shards", "hf", "data").glob("train-*.parquet"))
+
+
 def _licence_id(recipe: Recipe) -> str:
     lic = {s.licence for s in recipe.sources if s.role == "train"}
     return lic.pop().lower() if len(lic) == 1 and None not in lic else "other"
@@ -51,7 +55,7 @@ def card_text(recipe: Recipe, store: RunStore, models: dict[str, str]) -> str:
         "dataset_info": {
             "features": [{"name": k, **({"dtype": "image"} if v.get("_type") == "Image" else {"dtype": v["dtype"]})}
                          for k, v in hf_features().items()],
-            "splits": [{"name": "train", "num_examples": n}],
+            "splits": [{"name": "train", "num_examples": n, "num_bytes": _data_bytes(store)}],
         },
     }
     synthetic = [s.name for s in recipe.sources if s.kind == "synthetic"]
