@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 log = logging.getLogger(__name__)
@@ -158,15 +159,18 @@ class TokenCounter:
         self.name = name
         self._tok = None
         self.kind = "estimate"
-        if name:
+        if name and _tokenizer_available(name):
             try:
                 from transformers import AutoTokenizer
 
                 self._tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
                 self.kind = f"tokenizer:{name}"
             except Exception as e:  # noqa: BLE001 - any load failure means: estimate instead
-                log.info("describe: CLIP tokenizer %r not available offline (%s); bounding texts with a "
+                log.info("describe: CLIP tokenizer %r failed to load (%s); bounding texts with a "
                          "conservative word/char estimate instead", name, type(e).__name__)
+        elif name:
+            log.info("describe: CLIP tokenizer %r is not available offline; bounding texts with a "
+                     "conservative word/char estimate instead", name)
 
     @staticmethod
     def estimate(text: str) -> int:
@@ -182,6 +186,26 @@ class TokenCounter:
         if self._tok is None:
             return self.estimate(text)
         return len(self._tok(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+
+def _tokenizer_available(name: str) -> bool:
+    """A local folder, or a hub id whose tokenizer files are in the local cache (no network, no transformers
+    import: that import alone costs seconds)."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"):
+        try:
+            hit = try_to_load_from_cache(name, f)
+        except Exception:  # noqa: BLE001 - an id that is not a valid repo name is simply not cached
+            return False
+        if isinstance(hit, str):
+            return True
+    return False
 
 
 @dataclass
