@@ -22,14 +22,43 @@ from .tables import EXCLUDED, PAIRS
 STAGE = "pair"
 
 
-def _rank(seed: int, uid: str, n: int) -> list[int]:
-    keys = [hashlib.blake2b(f"{seed}\x00{uid}\x00{i}".encode(), digest_size=8).digest() for i in range(n)]
-    return sorted(range(n), key=lambda i: keys[i])
+def draw(seed: int, uid: str, n: int, k: int) -> list[int]:
+    """Up to ``k`` distinct indices of ``range(n)``, deterministic in (seed, uid).
+
+    A partial Fisher-Yates shuffle driven by one blake2b digest (64 bits per draw), so the cost is
+    O(k) per image whatever the pool size, and the choice never depends on a library's RNG stream.
+    """
+    k = min(k, n)
+    if k <= 0:
+        return []
+    words = hashlib.blake2b(f"{seed}\x00{uid}".encode(), digest_size=min(64, 8 * k)).digest()
+    if 8 * k > 64:  # more than 8 draws: extend the stream with counter-keyed digests
+        words += b"".join(hashlib.blake2b(f"{seed}\x00{uid}\x00{i}".encode(), digest_size=64).digest()
+                          for i in range(1, (8 * k + 63) // 64))
+    swaps: dict[int, int] = {}
+    out = []
+    for j in range(k):
+        r = j + int.from_bytes(words[8 * j:8 * j + 8], "big") % (n - j)
+        vj, vr = swaps.get(j, j), swaps.get(r, r)
+        swaps[r] = vj
+        out.append(vr)
+    return out
 
 
 def pair_table(ingest: pa.Table, descriptions: dict[tuple[str, str], list[str]], k: int, seed: int,
                llm: bool) -> tuple[pa.Table, pa.Table, StageStats]:
-    """Pure pairing of one ingest part. Returns (pairs, excluded, stats)."""
+    """Pure pairing of one ingest part.
+
+    Args:
+        ingest: rows with uid, source, domain, class_name, caption, status (failed rows are skipped).
+        descriptions: (domain, class_name) -> kept descriptions (:func:`pipeline.describe.load_kept`).
+        k: candidates per image (the scoring stage keeps the best match).
+        seed: recipe seed; with the uid it fixes each image's draw.
+        llm: whether the descriptions came from an LLM ("llm") or the template baseline ("template").
+
+    Returns:
+        (pairs, excluded, stats): PAIRS rows, EXCLUDED rows (``no_description``) and the part's stats.
+    """
     stats = StageStats(STAGE)
     ok = ingest.filter(pc.equal(ingest["status"], "success"))
     uids, cands, srcs = [], [], []
@@ -48,7 +77,7 @@ def pair_table(ingest: pa.Table, descriptions: dict[tuple[str, str], list[str]],
                               (uid, source, STAGE, "no_description", f"class {cls!r} ({domain}) has no kept description")):
                 ex[col].append(v)
             continue
-        order = _rank(seed, uid, len(pool))[:k]
+        order = draw(seed, uid, len(pool), k)
         uids.append(uid), cands.append([pool[i] for i in order]), srcs.append("llm" if llm else "template")
         stats.kept += 1
     pairs = pa.table({"uid": uids, "candidates": cands, "caption_source": srcs}, schema=PAIRS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import pyarrow as pa
@@ -147,8 +148,15 @@ def summary_lines(stats: StageStats) -> list[str]:
 
 
 def load_kept(store: RunStore) -> dict[tuple[str, str], list[str]]:
-    """(domain, class_name) -> kept sentences in table order."""
-    t = pq.read_table(descriptions_path(store), columns=["domain", "class_name", "text", "kept"])
+    """(domain, class_name) -> kept sentences in table order (read once per file version; do not mutate)."""
+    p = descriptions_path(store)
+    st = p.stat()
+    return _load_kept(str(p), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=4)
+def _load_kept(path: str, mtime_ns: int, size: int) -> dict[tuple[str, str], list[str]]:
+    t = pq.read_table(path, columns=["domain", "class_name", "text", "kept"])
     t = t.filter(t["kept"])
     out: dict[tuple[str, str], list[str]] = {}
     for d, c, x in zip(t["domain"].to_pylist(), t["class_name"].to_pylist(), t["text"].to_pylist()):
