@@ -1,0 +1,99 @@
+"""Embeddings on disk in clip-retrieval's layout, one numbered file set per scored part.
+
+``<folder>/img_emb/img_emb_N.npy`` (fp16, L2-normalised, one row per image), the matching
+``text_emb/text_emb_N.npy`` for train parts, and ``metadata/metadata_N.parquet`` whose rows line up
+with the embedding rows (``image_path`` and ``caption`` as clip-retrieval writes them, plus our ids).
+clip-retrieval's ``index`` (autofaiss) and ``back`` read files in name order, so N is zero-padded to
+a fixed width: N = source position in the recipe * 100000 + part number.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..store import RunStore, write_bytes_atomic, write_parquet_atomic
+
+TRAIN_DIR = ("score", "embeddings")
+EVAL_DIR = ("score", "eval_embeddings")
+N_WIDTH = 8
+PARTS_PER_SOURCE = 100_000
+
+METADATA = pa.schema(
+    [
+        pa.field("image_path", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("uid", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("domain", pa.string()),
+        pa.field("class_name", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+
+
+def part_number(source_index: int, part_index: int) -> str:
+    """Zero-padded file number N of a part (stable while the recipe's source order is)."""
+    if not 0 <= part_index < PARTS_PER_SOURCE:
+        raise ValueError(f"part index {part_index} out of range (max {PARTS_PER_SOURCE - 1})")
+    return f"{source_index * PARTS_PER_SOURCE + part_index:0{N_WIDTH}d}"
+
+
+def folder(store: RunStore, role: str) -> Path:
+    return store.path(*(TRAIN_DIR if role == "train" else EVAL_DIR))
+
+
+def paths(store: RunStore, role: str, n: str) -> dict[str, Path]:
+    root = folder(store, role)
+    return {"img": root / "img_emb" / f"img_emb_{n}.npy", "text": root / "text_emb" / f"text_emb_{n}.npy",
+            "meta": root / "metadata" / f"metadata_{n}.parquet"}
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(x))
+    return buf.getvalue()
+
+
+def write_part(store: RunStore, role: str, n: str, img: np.ndarray, meta: pa.Table,
+               text: Optional[np.ndarray] = None) -> None:
+    """Write one part's files atomically (each file; the caller's done marker makes the set atomic)."""
+    if meta.num_rows != img.shape[0] or (text is not None and text.shape[0] != img.shape[0]):
+        raise ValueError(f"embedding part {n}: {img.shape[0]} image rows, {meta.num_rows} metadata rows, "
+                         f"{None if text is None else text.shape[0]} text rows")
+    p = paths(store, role, n)
+    write_bytes_atomic(p["img"], _npy_bytes(img.astype(np.float16)))
+    if text is not None:
+        write_bytes_atomic(p["text"], _npy_bytes(text.astype(np.float16)))
+    write_parquet_atomic(p["meta"], meta.cast(METADATA))
+
+
+def read_part(store: RunStore, role: str, n: str) -> tuple[np.ndarray, pa.Table]:
+    """(fp16 image embeddings, metadata) of one part; raises FileNotFoundError naming the missing file."""
+    p = paths(store, role, n)
+    for k in ("img", "meta"):
+        if not p[k].exists():
+            raise FileNotFoundError(f"{p[k]} is missing: re-run the score stage for this part")
+    return np.load(p["img"]), pq.read_table(p["meta"])
+
+
+def prune(store: RunStore, role: str, keep: set[str]) -> int:
+    """Remove embedding files whose N is not in ``keep`` (parts that no longer exist); returns the count."""
+    root = folder(store, role)
+    removed = 0
+    for sub, prefix, ext in (("img_emb", "img_emb_", ".npy"), ("text_emb", "text_emb_", ".npy"),
+                             ("metadata", "metadata_", ".parquet")):
+        d = root / sub
+        if not d.exists():
+            continue
+        for f in d.glob(f"{prefix}*{ext}"):
+            if f.name[len(prefix):-len(ext)] not in keep:
+                f.unlink()
+                removed += 1
+    return removed
