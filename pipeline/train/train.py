@@ -1,0 +1,515 @@
+"""Train: contrastive fine-tune of a transformers CLIP on the run's webdataset shards.
+
+Streams ``shards/wds/*.tar`` (counts from ``sizes.json``), AdamW with warmup + cosine, gradient
+accumulation over a shared feature cache (every micro-batch sees the negatives of the whole step, as
+open_clip's ``accum_freq``), autocast on GPU, an optional locked tower (LiT), safetensors checkpoints
+that a killed run resumes from (model + optimizer + step + stream position), ``train/metrics.jsonl``
+and the final model saved with ``save_pretrained`` in ``train/final``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from ..recipe import Recipe, TrainConfig, fingerprint
+from ..stats import StageStats
+from ..store import RunStore, atomic_path, write_json_atomic, write_text_atomic
+from . import data as D
+from .model import Loaded, autocast, autocast_dtype, load_clip, resolve_device, tokenize
+
+log = logging.getLogger(__name__)
+STAGE = "train"
+CODE_VERSION = "train-v1"  # bump when the same inputs would train a different model
+AGRICLIP_LR, AGRICLIP_BATCH = 1e-3, 128
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 100
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step counts and the learning-rate schedule, derived from the recipe and the shard sizes."""
+
+    samples: int
+    batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to ``lr`` then cosine to 0 (open_clip's ``cosine_lr``); ``step`` is 0-based."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+
+
+def make_plan(cfg: TrainConfig, samples: int) -> Plan:
+    """Plan a run over ``samples`` shard samples.
+
+    Raises:
+        ValueError: fewer samples than one optimizer step needs.
+    """
+    per_step = cfg.batch_size * cfg.grad_accum
+    if samples < per_step:
+        raise ValueError(
+            f"the shards hold {samples} samples but one optimizer step needs batch_size * grad_accum = {per_step}; "
+            "lower train.batch_size / train.grad_accum or write more data"
+        )
+    spe = samples // per_step
+    total = max(1, int(round(cfg.epochs * spe)))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
+    if warm >= total:
+        log.warning("warmup_steps=%d >= total steps %d: the lr never reaches its peak", warm, total)
+    lr = cfg.lr if cfg.lr is not None else AGRICLIP_LR * per_step / AGRICLIP_BATCH
+    return Plan(samples, cfg.batch_size, cfg.grad_accum, spe, total, warm, lr)
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def freeze_tower(model: Any, tower: Optional[str]) -> int:
+    """Lock the vision or text tower (and its projection); returns the number of trainable parameters."""
+    parts = {"vision": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
+    if tower is not None:
+        for name in parts[tower]:
+            for p in getattr(model, name).parameters():
+                p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's split: no weight decay on gains, biases, embeddings or the temperature."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or "norm" in n or "bias" in n or "embedding" in n or "logit_scale" in n
+        (no_decay if exclude else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_loss(img: "torch.Tensor", txt: "torch.Tensor", scale: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """Symmetric InfoNCE over the batch (matching pairs on the diagonal)."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = scale * img @ txt.t()
+    labels = torch.arange(img.shape[0], device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def _embed(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
+    out = model(**batch)
+    return out.image_embeds.float(), out.text_embeds.float()
+
+
+def train_step(model: Any, micro: list[dict[str, "torch.Tensor"]], device: "torch.device",  # noqa: F821
+               dtype: Optional["torch.dtype"], scaler: Any) -> float:  # noqa: F821
+    """Forward/backward of one optimizer step over ``micro`` batches; returns the step's loss.
+
+    With several micro-batches, embeddings of all of them are computed without gradients first; each
+    micro-batch is then re-embedded with gradients and the loss taken over the whole step, so the
+    gradient equals that of one big batch (the temperature's gradient is counted once).
+    """
+    import torch
+
+    def backward(loss: "torch.Tensor") -> None:  # noqa: F821
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    if len(micro) == 1:
+        with autocast(device, dtype):
+            img, txt = _embed(model, micro[0])
+        loss = clip_loss(img, txt, model.logit_scale.exp())
+        backward(loss)
+        return float(loss.detach())
+    with torch.no_grad(), autocast(device, dtype):
+        cache = [_embed(model, m) for m in micro]
+    imgs, txts = [c[0] for c in cache], [c[1] for c in cache]
+    loss_val = 0.0
+    for j, m in enumerate(micro):
+        with autocast(device, dtype):
+            img_j, txt_j = _embed(model, m)
+        scale = model.logit_scale.exp()
+        if j > 0:
+            scale = scale.detach()
+        loss = clip_loss(torch.cat(imgs[:j] + [img_j] + imgs[j + 1:]), torch.cat(txts[:j] + [txt_j] + txts[j + 1:]), scale)
+        backward(loss)
+        loss_val = float(loss.detach())
+    return loss_val
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _ckpt_root(store: RunStore) -> Path:
+    return store.path(STAGE, "checkpoints")
+
+
+def save_checkpoint(store: RunStore, model: Any, optimizer: Any, scaler: Any, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write ``checkpoints/step-NNNNNNN/`` (model.safetensors, optimizer.safetensors, state.json) atomically.
+
+    The folder is built under a temporary name and renamed, so a kill leaves no half checkpoint.
+    """
+    from safetensors.torch import save_file, save_model
+
+    root = _ckpt_root(store)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['step']:07d}"
+    tmp = root / f".tmp-step-{state['step']:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    osd = optimizer.state_dict()
+    tensors = {f"state.{pid}.{k}": v.contiguous() for pid, st in osd["state"].items() for k, v in st.items()}
+    if tensors:
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    full = {**state, "param_groups": groups, "scaler": scaler.state_dict() if scaler is not None else None}
+    write_json_atomic(tmp / "state.json", full)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(store: RunStore, fp: str) -> Optional[Path]:
+    """Newest complete checkpoint made with the same inputs + config (fingerprint ``fp``), or None."""
+    root = _ckpt_root(store)
+    if not root.exists():
+        return None
+    for d in sorted(root.glob("step-*"), reverse=True):
+        try:
+            st = json.loads((d / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if st.get("fingerprint") == fp and (d / "model.safetensors").is_file():
+            return d
+        log.warning("checkpoint %s was made with other inputs or settings; not resuming from it", d)
+    return None
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any) -> dict[str, Any]:
+    """Restore model, optimizer and loss-scaler state in place; returns the saved state dict."""
+    from safetensors.torch import load_file, load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    st = json.loads((path / "state.json").read_text())
+    opt_file = path / "optimizer.safetensors"
+    state: dict[int, dict[str, Any]] = {}
+    if opt_file.is_file():
+        for k, v in load_file(str(opt_file)).items():
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": st["param_groups"]})
+    if scaler is not None and st.get("scaler"):
+        scaler.load_state_dict(st["scaler"])
+    return st
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists() and resume_step > 0:
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+        write_text_atomic(path, "".join(k + "\n" for k in kept))
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row, sort_keys=True) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(store: RunStore) -> list[dict[str, Any]]:
+    p = store.path(STAGE, "metrics.jsonl")
+    if not p.exists():
+        return []
+    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+# ----------------------------------------------------------------------------- data feed
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` in a background thread, ``depth`` items ahead (decode overlaps the step)."""
+    import queue
+
+    q: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for x in it:
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+
+
+def _take(stats: StageStats) -> StageStats:
+    """Move the counts out of ``stats`` (kept in place: the stream stages hold a reference to it)."""
+    delta = StageStats.from_dict(stats.to_dict())
+    stats.total, stats.kept, stats.seconds = 0, 0, 0.0
+    stats.dropped.clear()
+    stats.counters.clear()
+    return delta
+
+
+def step_batches(shard_dir: Path, shards: list[str], cfg: TrainConfig, spec: D.ImageSpec, epoch: int, skip: int,
+                 pool: ThreadPoolExecutor) -> Iterator[tuple[list[tuple[Any, list[str]]], int, StageStats]]:
+    """Yield (micro-batches as (pixels, captions), stream position after them, their stats) for one epoch.
+
+    Stats travel with the batches so a checkpoint counts exactly the samples before its position,
+    not the ones the prefetch thread has read ahead.
+    """
+    warn = D.RateLimitedLog(log)
+    stats = StageStats(STAGE)
+    raw = D.raw_stream(shard_dir, shards, cfg.seed, epoch, stats, cfg.shuffle_buffer, skip)
+    micro: list[tuple[Any, list[str]]] = []
+    for b in D.batches(raw, cfg.batch_size):
+        pix, caps = D.preprocess_batch(b, spec, cfg.seed, epoch, stats, warn, pool, augment=cfg.augment)
+        if len(caps) < 2:  # a batch of bad images has no negatives left
+            stats.drop("batch_too_small", n=len(caps))
+            stats.kept -= len(caps)
+            continue
+        micro.append((pix, caps))
+        if len(micro) == cfg.grad_accum:
+            yield micro, b[-1].pos, _take(stats)
+            micro = []
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def train_fingerprint(recipe: Recipe, shards_fp: str) -> str:
+    cfg = recipe.train.model_dump(mode="json")
+    for k in ("enabled", "device", "workers", "log_every", "save_every", "keep_checkpoints"):
+        cfg.pop(k)  # where and how often: not what is trained
+    return fingerprint(CODE_VERSION, cfg, shards_fp)
+
+
+def _save_final(store: RunStore, loaded: Loaded, summary: dict[str, Any]) -> Path:
+    """save_pretrained model + tokenizer + preprocessor config into train/final (swapped in whole)."""
+    final = store.path(STAGE, "final")
+    tmp = store.path(STAGE, ".tmp-final")
+    shutil.rmtree(tmp, ignore_errors=True)
+    loaded.model.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    spec = loaded.spec
+    write_json_atomic(tmp / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.size},
+        "do_center_crop": True, "crop_size": {"height": spec.size, "width": spec.size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(spec.mean), "image_std": list(spec.std),
+        "do_convert_rgb": True, "resample": 3,
+    })
+    write_json_atomic(tmp / "train_summary.json", summary)
+    old = store.path(STAGE, ".old-final")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_base(store: RunStore, recipe: Recipe) -> Path:
+    """The random initialisation of ``train.from_config`` saved as ``train/base`` (eval's comparison)."""
+    cfg = recipe.train
+    loaded = load_clip(cfg.model, cfg.from_config, cfg.seed)
+    base = store.path(STAGE, "base")
+    with atomic_path(base / "alive_base.json") as marker:
+        loaded.model.save_pretrained(base, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(base)
+        write_json_atomic(base / "preprocessor_config.json", {
+            "crop_size": {"height": loaded.spec.size, "width": loaded.spec.size},
+            "size": {"shortest_edge": loaded.spec.size}, "image_mean": list(loaded.spec.mean),
+            "image_std": list(loaded.spec.std), "image_processor_type": "CLIPImageProcessor",
+        })
+        marker.write_text(json.dumps({"from_config": cfg.from_config, "seed": cfg.seed}))
+    return base
+
+
+def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
+    """Fine-tune ``recipe.train.model`` on ``<run>/shards/wds``; resumes from the newest checkpoint.
+
+    Returns:
+        Summary: steps, samples, first/last logged loss, paths of the final model and metrics, the
+        plan, the step it resumed from and whether it was skipped (already done with these inputs).
+    """
+    import numpy as np
+    import torch
+
+    cfg = recipe.train
+    shard_dir = store.path("shards", "wds")
+    sizes = D.read_sizes(shard_dir)
+    fp = train_fingerprint(recipe, D.shards_fingerprint(shard_dir, sizes))
+    final = store.path(STAGE, "final")
+    summary_path = store.path(STAGE, "summary.json")
+    if store.is_done(STAGE, "final", fp) and final.is_dir() and summary_path.exists():
+        log.info("train: done with these inputs and settings; skipping (%s)", final)
+        return {**json.loads(summary_path.read_text()), "skipped": True}
+
+    plan = make_plan(cfg, sum(sizes.values()))
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    loaded = load_clip(cfg.model, cfg.from_config, cfg.seed)
+    if cfg.from_config is not None and not store.path(STAGE, "base", "alive_base.json").exists():
+        save_base(store, recipe)
+    model = loaded.model.to(device)
+    model.train()
+    trainable = freeze_tower(model, cfg.freeze)
+    use_fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=plan.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, **({"fused": True} if use_fused else {}))
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    stats = StageStats(STAGE)
+    step, epoch, pos, resumed_from = 0, 0, 0, None
+    ckpt = latest_checkpoint(store, fp)
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, model, optimizer, scaler)
+        step, epoch, pos = st["step"], st["epoch"], st["pos"]
+        stats = StageStats.from_dict(st["stats"])
+        resumed_from = step
+        log.info("train: resuming from %s (step %d, epoch %d, stream position %d)", ckpt, step, epoch, pos)
+    metrics = Metrics(store.path(STAGE, "metrics.jsonl"), step)
+    log.info("train: %d samples, %d steps (%d/epoch), batch %dx%d, lr %.3g, warmup %d, %s %s, %d trainable params",
+             plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size, cfg.grad_accum, plan.lr,
+             plan.warmup_steps, device, dtype or "fp32", trainable)
+
+    shards = list(sizes)
+    window: list[float] = []
+    t_window, n_window = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    last_saved = step
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        while step < plan.total_steps:
+            steps_this_epoch = 0
+            feed = _prefetch(step_batches(shard_dir, shards, cfg, loaded.spec, epoch, pos, pool))
+            for micro, new_pos, delta in feed:
+                stats = stats.merge(delta)
+                lr = plan.lr_at(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                batch = []
+                for pix, caps in micro:
+                    enc = tokenize(loaded.tokenizer, caps, model)
+                    batch.append({"pixel_values": torch.from_numpy(pix).to(device, non_blocking=True),
+                                  **{k: v.to(device, non_blocking=True) for k, v in enc.items()}})
+                loss = train_step(model, batch, device, dtype, scaler)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"train: loss is {loss} at step {step}; lower train.lr or use precision: fp32/bf16")
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                step += 1
+                steps_this_epoch += 1
+                pos = new_pos
+                n = sum(len(c) for _, c in micro)
+                stats.add("samples_trained", n)
+                window.append(loss)
+                n_window += n
+                if step % cfg.log_every == 0 or step == plan.total_steps:
+                    dt = time.perf_counter() - t_window
+                    metrics.write({"step": step, "epoch": epoch, "loss": float(np.mean(window)), "lr": lr,
+                                   "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": n_window / max(dt, 1e-9),
+                                   "samples": int(stats.counters["samples_trained"])})
+                    window, t_window, n_window = [], time.perf_counter(), 0
+                if step % cfg.save_every == 0 and step < plan.total_steps:
+                    stats.add("optimizer_steps", step - last_saved)
+                    last_saved = step
+                    save_checkpoint(store, model, optimizer, scaler,
+                                    {"step": step, "epoch": epoch, "pos": pos, "fingerprint": fp,
+                                     "stats": stats.to_dict()}, cfg.keep_checkpoints)
+                if step >= plan.total_steps:
+                    feed.close()  # stops the prefetch thread
+                    break
+            else:
+                if steps_this_epoch == 0 and pos == 0:
+                    raise RuntimeError(
+                        f"train: epoch {epoch} gave no full batch from {shard_dir} "
+                        f"(see the dropped counts: {dict(stats.dropped)})")
+                epoch, pos = epoch + 1, 0
+    metrics.close()
+    stats.add("optimizer_steps", step - last_saved)
+    stats.seconds += time.perf_counter() - t0
+    rows = read_metrics(store)
+    summary = {
+        "steps": step, "epochs_done": epoch, "samples_trained": int(stats.counters["samples_trained"]),
+        "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
+        "final_dir": str(final), "metrics": str(store.path(STAGE, "metrics.jsonl")),
+        "plan": plan.__dict__, "resumed_from": resumed_from, "device": str(device),
+        "precision": str(dtype or "fp32"), "freeze": cfg.freeze, "trainable_params": trainable,
+        "model": cfg.model, "from_config": cfg.from_config is not None, "fingerprint": fp, "skipped": False,
+    }
+    model.eval()
+    _save_final(store, loaded, summary)
+    write_json_atomic(summary_path, summary)
+    store.write_unit_stats(stats, "final")
+    store.mark_done(STAGE, "final", fp, steps=step)
+    shutil.rmtree(_ckpt_root(store), ignore_errors=True)  # the final model supersedes them
+    return summary
