@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pipeline import describe, ingest, pair, selection
 from pipeline import write as writer
 from pipeline.recipe import Recipe, load_recipe
+from pipeline.runner import task_runner_scope
 from pipeline.stats import StageStats, merge_all
 from pipeline.store import RunStore, write_json_atomic, write_text_atomic
 
@@ -42,15 +43,16 @@ def _pool(n: int) -> ProcessPoolExecutor:
     return _POOL
 
 
-def _in_process_pool() -> bool:
-    return os.environ.get("ALIVE_RUNNER_KIND", "local") == "local"
+def _in_process_pool(recipe: Recipe) -> bool:
+    """Local runs decode in a process pool; on Ray every task already runs in its own worker process."""
+    return recipe.runner.kind == "local"
 
 
 # ----------------------------- tasks (one per stage per shard) -----------------------------
 @task(name="ingest-part", **TRANSIENT)
 def ingest_task(recipe: Recipe, out: str, part) -> StageStats:
     store = RunStore(out)
-    if _in_process_pool():
+    if _in_process_pool(recipe):
         return _pool(recipe.ingest.processes).submit(ingest.run_part, recipe, store, part).result()
     return ingest.run_part(recipe, store, part)
 
@@ -183,39 +185,40 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
 
     write_text_atomic(store.path("recipe.resolved.yaml"),
                       f"# recipe hash: {r.sha}\n" + yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
-    os.environ["ALIVE_RUNNER_KIND"] = r.runner.kind
     stats: dict[str, StageStats] = {}
     out_s = str(store.root)
 
-    # ingest: one task per part of every source
-    parts = ingest.plan(r, store)
-    ingest.prune(r, store, parts)
-    logger.info("ingest: %d parts over %d sources", len(parts), len(r.sources))
-    stats["ingest"] = merge_all("ingest", _gather([ingest_task.submit(r, out_s, p) for p in parts], "ingest", progress))
+    # shard tasks run where the recipe says (local threads/processes, or Ray): same bytes either way
+    with task_runner_scope(r.runner):
+        # ingest: one task per part of every source
+        parts = ingest.plan(r, store)
+        ingest.prune(r, store, parts)
+        logger.info("ingest: %d parts over %d sources", len(parts), len(r.sources))
+        stats["ingest"] = merge_all("ingest", _gather([ingest_task.submit(r, out_s, p) for p in parts], "ingest", progress))
 
-    # describe: class-level (the LLM client inside is concurrent)
-    stats["describe"] = describe_task(r, out_s)
+        # describe: class-level (the LLM client inside is concurrent)
+        stats["describe"] = describe_task(r, out_s)
 
-    # pair: train parts only (eval sources never reach the shards)
-    train_parts = ingest.ingested_parts(store, r, role="train")
-    stats["pair"] = merge_all("pair", _gather(
-        [pair_task.submit(r, out_s, s, str(p)) for s, p in train_parts], "pair", progress))
+        # pair: train parts only (eval sources never reach the shards)
+        train_parts = ingest.ingested_parts(store, r, role="train")
+        stats["pair"] = merge_all("pair", _gather(
+            [pair_task.submit(r, out_s, s, str(p)) for s, p in train_parts], "pair", progress))
 
-    if r.score.enabled:
-        all_parts = ingest.ingested_parts(store, r)
-        stats["score"] = merge_all("score", _gather(
-            [score_task.submit(r, out_s, s, str(p)) for s, p in all_parts], "score", progress))
-        stats["filter"] = score_finalize_task(r, out_s)
+        if r.score.enabled:
+            all_parts = ingest.ingested_parts(store, r)
+            stats["score"] = merge_all("score", _gather(
+                [score_task.submit(r, out_s, s, str(p)) for s, p in all_parts], "score", progress))
+            stats["filter"] = score_finalize_task(r, out_s)
 
-    if r.mix.enabled:
-        stats["mix"] = mix_task(r, out_s)
+        if r.mix.enabled:
+            stats["mix"] = mix_task(r, out_s)
 
-    plan = write_plan_task(r, out_s)
-    _gather([route_task.submit(r, out_s, plan, s, str(p)) for s, p in train_parts], "route", progress)
-    stats["write"] = merge_all("write", _gather(
-        [shard_task.submit(r, out_s, plan, i) for i in range(plan.n_shards)], "write", progress))
-    models = models_used(r)
-    summary = write_finalize_task(r, out_s, plan, models)
+        plan = write_plan_task(r, out_s)
+        _gather([route_task.submit(r, out_s, plan, s, str(p)) for s, p in train_parts], "route", progress)
+        stats["write"] = merge_all("write", _gather(
+            [shard_task.submit(r, out_s, plan, i) for i in range(plan.n_shards)], "write", progress))
+        models = models_used(r)
+        summary = write_finalize_task(r, out_s, plan, models)
 
     if r.train.enabled:
         from pipeline.train import train as trainer

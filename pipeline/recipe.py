@@ -358,6 +358,10 @@ class RunnerConfig(_Model):
     workers: int = Field(2, ge=1)
 
 
+# Recipe blocks that change how a build runs, never what it writes (left out of Recipe.sha).
+EXECUTION_ONLY = frozenset({"runner", "upload"})
+
+
 class Recipe(_Model):
     name: str
     seed: int = 0
@@ -412,7 +416,8 @@ class Recipe(_Model):
 
     @property
     def sha(self) -> str:
-        return fingerprint(self)
+        """Hash of everything that shapes the data; where it runs (runner) and where it goes (upload) do not."""
+        return fingerprint(self.model_dump(mode="json", exclude=EXECUTION_ONLY))
 
 
 def _jsonable(x: Any) -> Any:

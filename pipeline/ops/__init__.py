@@ -1,0 +1,1 @@
+"""Operating the factory: a local Prefect server + worker, demo model preparation."""
