@@ -50,31 +50,25 @@ def make_recipe(tiny_dir: Path, **train) -> Recipe:
 
 
 def write_shards(recipe: Recipe, store: RunStore, per_shard: int = 100) -> dict[str, int]:
-    """The write stage's webdataset layout: NNNNN.tar of {key}.jpg/.txt/.json plus sizes.json."""
-    import webdataset as wds
+    """Shards through the write stage's own shard writer (NNNNN.tar of {key}.jpg/.txt/.json) + sizes.json."""
+    import pyarrow as pa
+
+    from pipeline.write.wds import write_wds_shard
 
     rows = []
     for source, path in ingest.ingested_parts(store, recipe, role="train"):
         t = pq.read_table(path)
         pairs, _, _ = pair.pair_table(t, describe.load_kept(store), 4, recipe.seed, llm=False)
         cap = dict(zip(pairs["uid"].to_pylist(), pairs["candidates"].to_pylist()))
-        for r in t.to_pylist():
-            if r["status"] == "success" and r["uid"] in cap:
-                rows.append((r, cap[r["uid"]][0]))
-    rows.sort(key=lambda x: x[0]["uid"])
-    out = store.path("shards", "wds")
-    out.mkdir(parents=True, exist_ok=True)
+        rows += [{**r, "caption": cap[r["uid"]][0], "caption_source": "template", "repeat": 0, "clip_score": None}
+                 for r in t.to_pylist() if r["status"] == "success" and r["uid"] in cap]
+    rows.sort(key=lambda r: r["uid"])
     sizes = {}
-    for s in range(0, len(rows), per_shard):
-        name = f"{s // per_shard:05d}.tar"
-        chunk = rows[s:s + per_shard]
-        with wds.TarWriter(str(out / name)) as w:
-            for i, (r, caption) in enumerate(chunk):
-                meta = {"uid": r["uid"], "source": r["source"], "domain": r["domain"], "class_name": r["class_name"],
-                        "clip_score": None, "caption_source": "template"}
-                w.write({"__key__": f"{s // per_shard:05d}{i:04d}", "jpg": r["image"], "txt": caption, "json": meta})
-        sizes[name] = len(chunk)
-    write_json_atomic(out / "sizes.json", sizes)
+    for shard, s in enumerate(range(0, len(rows), per_shard)):
+        chunk = [{**r, "key": f"{shard:05d}{i:04d}"} for i, r in enumerate(rows[s:s + per_shard])]
+        write_wds_shard(store, pa.Table.from_pylist(chunk), shard)
+        sizes[f"{shard:05d}.tar"] = len(chunk)
+    write_json_atomic(store.path("shards", "wds", "sizes.json"), sizes)
     return sizes
 
 
@@ -324,7 +318,9 @@ def test_frozen_vision_tower_stays_fixed_and_bad_samples_are_skipped(trained, tm
 
     from pipeline.train import train
 
-    recipe, store = _fork_run(trained, tmp_path, batch_size=8, max_steps=3, freeze="vision", grad_accum=2)
+    # bf16 autocast on CPU: the optional mixed-precision path that runs without a GPU.
+    recipe, store = _fork_run(trained, tmp_path, batch_size=8, max_steps=3, freeze="vision", grad_accum=2,
+                              precision="bf16")
     wds_dir = store.path("shards", "wds")
     sizes = json.loads((wds_dir / "sizes.json").read_text())
     # A shard with a corrupt image and one that is not a tar at all: counted, never fatal.
@@ -338,7 +334,8 @@ def test_frozen_vision_tower_stays_fixed_and_bad_samples_are_skipped(trained, tm
     write_json_atomic(wds_dir / "sizes.json", sizes)
 
     res = train.run(recipe, store)
-    assert res["steps"] == 3 and res["freeze"] == "vision"
+    assert res["steps"] == 3 and res["freeze"] == "vision" and res["precision"] == "torch.bfloat16"
+    assert all(np.isfinite(r["loss"]) for r in train.read_metrics(store))
     before, after = _weights(Path(recipe.train.model)), _weights(Path(res["final_dir"]))
     vision = [k for k in before if k.startswith(("vision_model.", "visual_projection."))]
     text = [k for k in before if k.startswith(("text_model.", "text_projection."))]
@@ -401,3 +398,21 @@ def test_missing_shards_is_a_clear_error(trained, tmp_path):
     recipe, _, _ = trained
     with pytest.raises(FileNotFoundError, match="sizes.json"):
         train.run(recipe, RunStore(tmp_path))
+
+
+def test_from_config_trains_a_fresh_init_and_keeps_it_as_the_eval_base(trained, tmp_path):
+    from pipeline.train import evaluate, train
+
+    tiny = Path(trained[0].train.model)
+    cfg = json.loads((tiny / "config.json").read_text())
+    from_config = {k: cfg[k] for k in ("text_config", "vision_config", "projection_dim")}
+    recipe, store = _fork_run(trained, tmp_path, from_config=from_config, max_steps=2, batch_size=8, seed=5)
+    res = train.run(recipe, store)
+    assert res["from_config"] and res["steps"] == 2
+    assert evaluate.default_models(recipe, store) == {"base": str(store.path("train", "base")),
+                                                      "finetuned": res["final_dir"]}
+    base, init = _weights(store.path("train", "base")), _weights(tiny)
+    assert base.keys() == init.keys()
+    assert any(not np.array_equal(base[k], init[k]) for k in base)  # seed 5, not the tiny model's weights
+    final = _weights(Path(res["final_dir"]))
+    assert any(not np.array_equal(base[k], final[k]) for k in base)  # and training moved away from it
