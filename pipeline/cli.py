@@ -43,6 +43,8 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # The in-process (ephemeral) API server is slow to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @app.command()
@@ -74,6 +76,7 @@ def build(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
     recipe: Path = typer.Option(PROJECT_ROOT / "recipes" / "demo.yaml", "--recipe", "-r"),
+    progress: bool = typer.Option(True, help="Progress bars on stderr."),
 ) -> None:
     """Offline demo: build the tiny local models if missing, then build recipes/demo.yaml."""
     from .tiny_models import build_tiny_clip
@@ -85,7 +88,7 @@ def demo(
             p = Path(m)  # relative model paths are relative to the working directory
             typer.echo(f"tiny untrained CLIP at {p} (built locally if missing)")
             build_tiny_clip(p, extra_text=_class_names(r))
-    build(recipe=recipe, out=out, set_=[], progress=True)
+    build(recipe=recipe, out=out, set_=[], progress=progress)
 
 
 def _class_names(r) -> list[str]:
