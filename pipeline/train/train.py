@@ -9,6 +9,7 @@ and the final model saved with ``save_pretrained`` in ``train/final``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any, Iterator, Optional
 
 from ..recipe import Recipe, TrainConfig, fingerprint
 from ..stats import StageStats
-from ..store import RunStore, atomic_path, write_json_atomic, write_text_atomic
+from ..store import RunStore, write_json_atomic, write_text_atomic
 from . import data as D
 from .model import Loaded, autocast, autocast_dtype, load_clip, resolve_device, tokenize
 
@@ -348,13 +349,7 @@ def _save_final(store: RunStore, loaded: Loaded, summary: dict[str, Any]) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     loaded.model.save_pretrained(tmp, safe_serialization=True)
     loaded.tokenizer.save_pretrained(tmp)
-    spec = loaded.spec
-    write_json_atomic(tmp / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.size},
-        "do_center_crop": True, "crop_size": {"height": spec.size, "width": spec.size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(spec.mean), "image_std": list(spec.std),
-        "do_convert_rgb": True, "resample": 3,
-    })
+    write_json_atomic(tmp / "preprocessor_config.json", _processor_config(loaded.spec))
     write_json_atomic(tmp / "train_summary.json", summary)
     old = store.path(STAGE, ".old-final")
     shutil.rmtree(old, ignore_errors=True)
@@ -365,21 +360,36 @@ def _save_final(store: RunStore, loaded: Loaded, summary: dict[str, Any]) -> Pat
     return final
 
 
-def save_base(store: RunStore, recipe: Recipe) -> Path:
-    """The random initialisation of ``train.from_config`` saved as ``train/base`` (eval's comparison)."""
+def save_base(store: RunStore, recipe: Recipe, loaded: Loaded) -> Path:
+    """The random initialisation of ``train.from_config`` saved as ``train/base`` (eval's comparison).
+
+    Written before any step, so it is the exact starting point; re-written when from_config or seed change.
+    """
     cfg = recipe.train
-    loaded = load_clip(cfg.model, cfg.from_config, cfg.seed)
     base = store.path(STAGE, "base")
-    with atomic_path(base / "alive_base.json") as marker:
-        loaded.model.save_pretrained(base, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(base)
-        write_json_atomic(base / "preprocessor_config.json", {
-            "crop_size": {"height": loaded.spec.size, "width": loaded.spec.size},
-            "size": {"shortest_edge": loaded.spec.size}, "image_mean": list(loaded.spec.mean),
-            "image_std": list(loaded.spec.std), "image_processor_type": "CLIPImageProcessor",
-        })
-        marker.write_text(json.dumps({"from_config": cfg.from_config, "seed": cfg.seed}))
+    ident = {"from_config": cfg.from_config, "seed": cfg.seed, "model": cfg.model}
+    marker = base / "alive_base.json"
+    try:
+        if json.loads(marker.read_text()) == json.loads(json.dumps(ident)):
+            return base
+    except (OSError, json.JSONDecodeError):
+        pass
+    marker.unlink(missing_ok=True)  # the marker goes last: a kill in between leaves no valid base
+    loaded.model.save_pretrained(base, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(base)
+    write_json_atomic(base / "preprocessor_config.json", _processor_config(loaded.spec))
+    write_json_atomic(marker, ident)
     return base
+
+
+def _processor_config(spec: D.ImageSpec) -> dict[str, Any]:
+    """A CLIPImageProcessor config equivalent to our own preprocessing (shorter side, centre crop)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": spec.size},
+        "do_center_crop": True, "crop_size": {"height": spec.size, "width": spec.size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(spec.mean), "image_std": list(spec.std),
+        "do_convert_rgb": True, "resample": 3,
+    }
 
 
 def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
@@ -407,8 +417,8 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
     dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     loaded = load_clip(cfg.model, cfg.from_config, cfg.seed)
-    if cfg.from_config is not None and not store.path(STAGE, "base", "alive_base.json").exists():
-        save_base(store, recipe)
+    if cfg.from_config is not None:
+        save_base(store, recipe, loaded)
     model = loaded.model.to(device)
     model.train()
     trainable = freeze_tower(model, cfg.freeze)
@@ -426,75 +436,81 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
         stats = StageStats.from_dict(st["stats"])
         resumed_from = step
         log.info("train: resuming from %s (step %d, epoch %d, stream position %d)", ckpt, step, epoch, pos)
+    else:
+        # Checkpoints of other inputs/settings must not outnumber (and so prune) this run's own.
+        shutil.rmtree(_ckpt_root(store), ignore_errors=True)
     metrics = Metrics(store.path(STAGE, "metrics.jsonl"), step)
     log.info("train: %d samples, %d steps (%d/epoch), batch %dx%d, lr %.3g, warmup %d, %s %s, %d trainable params",
              plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size, cfg.grad_accum, plan.lr,
              plan.warmup_steps, device, dtype or "fp32", trainable)
+
+    def optimizer_step(micro: list[tuple[Any, list[str]]], lr: float) -> float:
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = []
+        for pix, caps in micro:
+            enc = tokenize(loaded.tokenizer, caps, model)
+            batch.append({"pixel_values": torch.from_numpy(pix).to(device, non_blocking=True),
+                          **{k: v.to(device, non_blocking=True) for k, v in enc.items()}})
+        loss = train_step(model, batch, device, dtype, scaler)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train: loss is {loss} at step {step}; lower train.lr or use precision fp32/bf16")
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return loss
 
     shards = list(sizes)
     window: list[float] = []
     t_window, n_window = time.perf_counter(), 0
     t0 = time.perf_counter()
     last_saved = step
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        while step < plan.total_steps:
-            steps_this_epoch = 0
-            feed = _prefetch(step_batches(shard_dir, shards, cfg, loaded.spec, epoch, pos, pool))
-            for micro, new_pos, delta in feed:
-                stats = stats.merge(delta)
-                lr = plan.lr_at(step)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                batch = []
-                for pix, caps in micro:
-                    enc = tokenize(loaded.tokenizer, caps, model)
-                    batch.append({"pixel_values": torch.from_numpy(pix).to(device, non_blocking=True),
-                                  **{k: v.to(device, non_blocking=True) for k, v in enc.items()}})
-                loss = train_step(model, batch, device, dtype, scaler)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"train: loss is {loss} at step {step}; lower train.lr or use precision: fp32/bf16")
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                step += 1
-                steps_this_epoch += 1
-                pos = new_pos
-                n = sum(len(c) for _, c in micro)
-                stats.add("samples_trained", n)
-                window.append(loss)
-                n_window += n
-                if step % cfg.log_every == 0 or step == plan.total_steps:
-                    dt = time.perf_counter() - t_window
-                    metrics.write({"step": step, "epoch": epoch, "loss": float(np.mean(window)), "lr": lr,
-                                   "logit_scale": float(model.logit_scale.detach().exp()), "samples_per_s": n_window / max(dt, 1e-9),
-                                   "samples": int(stats.counters["samples_trained"])})
-                    window, t_window, n_window = [], time.perf_counter(), 0
-                if step % cfg.save_every == 0 and step < plan.total_steps:
-                    stats.add("optimizer_steps", step - last_saved)
-                    last_saved = step
-                    save_checkpoint(store, model, optimizer, scaler,
-                                    {"step": step, "epoch": epoch, "pos": pos, "fingerprint": fp,
-                                     "stats": stats.to_dict()}, cfg.keep_checkpoints)
-                if step >= plan.total_steps:
-                    feed.close()  # stops the prefetch thread
-                    break
-            else:
-                if steps_this_epoch == 0 and pos == 0:
-                    raise RuntimeError(
-                        f"train: epoch {epoch} gave no full batch from {shard_dir} "
-                        f"(see the dropped counts: {dict(stats.dropped)})")
-                epoch, pos = epoch + 1, 0
-    metrics.close()
+    try:
+        with ThreadPoolExecutor(cfg.workers) as pool:
+            while step < plan.total_steps:
+                exhausted = True
+                feed = _prefetch(step_batches(shard_dir, shards, cfg, loaded.spec, epoch, pos, pool))
+                with contextlib.closing(feed):  # stops the prefetch thread on every way out
+                    for micro, new_pos, delta in feed:
+                        stats = stats.merge(delta)
+                        lr = plan.lr_at(step)
+                        window.append(optimizer_step(micro, lr))
+                        step, pos = step + 1, new_pos
+                        n = sum(len(c) for _, c in micro)
+                        stats.add("samples_trained", n)
+                        n_window += n
+                        if step % cfg.log_every == 0 or step == plan.total_steps:
+                            dt = time.perf_counter() - t_window
+                            metrics.write({"step": step, "epoch": epoch, "loss": float(np.mean(window)), "lr": lr,
+                                           "logit_scale": float(model.logit_scale.detach().exp()),
+                                           "samples_per_s": n_window / max(dt, 1e-9),
+                                           "samples": int(stats.counters["samples_trained"])})
+                            window, t_window, n_window = [], time.perf_counter(), 0
+                        if step % cfg.save_every == 0 and step < plan.total_steps:
+                            stats.add("optimizer_steps", step - last_saved)
+                            last_saved = step
+                            save_checkpoint(store, model, optimizer, scaler,
+                                            {"step": step, "epoch": epoch, "pos": pos, "fingerprint": fp,
+                                             "stats": stats.to_dict()}, cfg.keep_checkpoints)
+                        if step >= plan.total_steps:
+                            exhausted = False
+                            break
+                if exhausted:  # the epoch's stream ran out
+                    if pos == 0:
+                        raise RuntimeError(f"train: epoch {epoch} gave no full batch from {shard_dir} "
+                                           f"(dropped so far: {dict(stats.dropped)})")
+                    epoch, pos = epoch + 1, 0
+    finally:
+        metrics.close()
     stats.add("optimizer_steps", step - last_saved)
     stats.seconds += time.perf_counter() - t0
     rows = read_metrics(store)
