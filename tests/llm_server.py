@@ -129,7 +129,7 @@ class Scripted:
 class TinyLM:
     """Batched sampling with the tiny GPT-2 on one worker thread (continuous-batching in spirit)."""
 
-    def __init__(self, model_dir: Path, max_batch: int = 32, threads: int = 1):
+    def __init__(self, model_dir: Path, max_batch: int = 32, threads: int = 1, batch_wait: float = 0.02):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,12 +139,11 @@ class TinyLM:
         self.tok.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         self.max_batch = max_batch
+        self.batch_wait = batch_wait  # a batch closes after this long without a new request (or when full)
+        self.batch_sizes: list[int] = []
         self.q: "queue.Queue[tuple]" = queue.Queue()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="tiny-lm")
         self.thread.start()
-
-    def count(self, text: str) -> int:
-        return len(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def submit(self, loop: asyncio.AbstractEventLoop, prompt: str, n: int, params: dict) -> asyncio.Future:
         fut = loop.create_future()
@@ -156,9 +155,10 @@ class TinyLM:
             jobs = [self.q.get()]
             while len(jobs) < self.max_batch:
                 try:
-                    jobs.append(self.q.get(timeout=0.002))
+                    jobs.append(self.q.get(timeout=self.batch_wait))
                 except queue.Empty:
                     break
+            self.batch_sizes.append(len(jobs))
             groups: dict[tuple, list] = {}
             for j in jobs:
                 p = j[4]
@@ -173,7 +173,11 @@ class TinyLM:
                 for (loop, fut, *_), out in zip(js, outs):
                     loop.call_soon_threadsafe(_set_result, fut, out)
 
-    def _generate(self, jobs: list, temp: float, top_p: float) -> list[list[tuple[str, str, int]]]:
+    def _generate(self, jobs: list, temp: float, top_p: float) -> list[tuple[int, list[tuple[str, str, int]]]]:
+        """(prompt tokens, [(text, finish_reason, completion tokens)] per choice) per job.
+
+        Only this thread touches the tokenizer: a fast tokenizer's padding state is not thread-safe.
+        """
         torch = self.torch
         prompts, reps = [], []
         for _, _, prompt, n, _ in jobs:
@@ -188,6 +192,7 @@ class TinyLM:
             kw.update(do_sample=True, temperature=temp, top_p=top_p)
         with torch.inference_mode():
             out = self.model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:].tolist()
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         res, row = [], 0
         for (_, _, _, n, params), _n in zip(jobs, reps):
             choices = []
@@ -203,7 +208,7 @@ class TinyLM:
                         text, finish = text[:k], "stop"
                         ids = self.tok(text, add_special_tokens=False)["input_ids"]
                 choices.append((text, finish, len(ids)))
-            res.append(choices)
+            res.append((int(prompt_lens[row]), choices))
             row += n
         return res
 
@@ -416,8 +421,7 @@ class LLMServer:
         params = {"temperature": float(body.get("temperature", 1.0)), "top_p": float(body.get("top_p", 1.0)),
                   "max_tokens": max_tokens, "stop": body.get("stop"), "seed": body.get("seed")}
         if self.lm is not None:
-            outs = await self.lm.submit(asyncio.get_running_loop(), prompt, n, params)
-            prompt_tokens = self.lm.count(prompt)
+            prompt_tokens, outs = await self.lm.submit(asyncio.get_running_loop(), prompt, n, params)
         else:
             if self.delay:
                 await asyncio.sleep(self.delay)

@@ -92,3 +92,15 @@ def test_missing_domain_falls_back_to_general_and_missing_general_is_an_error(tm
     (tmp_path / "general.yaml").unlink()
     with pytest.raises(PromptError, match="no prompt set for domain"):
         load_prompt_sets(DescribeConfig(prompts=str(tmp_path)), {"crops"})
+
+
+def test_vllm_compose_service_is_local_keyed_and_parametrised():
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docker" / "vllm.compose.yaml").read_text())
+    svc = spec["services"]["vllm"]
+    assert svc["image"].startswith("vllm/vllm-openai:")
+    assert "${VLLM_MODEL:-" in svc["command"][svc["command"].index("--model") + 1]
+    assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+    assert "VLLM_API_KEY" in svc["environment"] and "?" in svc["environment"]["VLLM_API_KEY"]
+    assert DescribeConfig().api_key_env == "VLLM_API_KEY" and DescribeConfig().base_url.endswith(":8000/v1")

@@ -38,7 +38,6 @@ from .prompts import Prompt, PromptSet, load_prompt_sets
 log = logging.getLogger(__name__)
 
 POSTPROCESS_VERSION = "pp1"  # bump when post-processing changes what is kept
-FAILED_PREFIXES = ("request_failed", "generation_failed")
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _N_REJECTED = re.compile(r"(\bn\b|'n'|\"n\"|num_return_sequences|multiple (choices|completions))", re.I)
 
@@ -77,6 +76,7 @@ class Results:
     samples: dict[tuple[int, int], tuple[Optional[str], Optional[str]]] = field(default_factory=dict)
     failures: dict[tuple[int, int], str] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
+    class_rows: dict[ClassInfo, list[tuple]] = field(default_factory=dict)  # post-processed early
 
 
 class _Warner:
@@ -125,6 +125,7 @@ class LLMBackend:
         self.prompt_sets = load_prompt_sets(cfg)
         self.count_tokens = TokenCounter(cfg.clip_tokenizer)
         self._postprocs: dict[str, PostProcessor] = {}
+        self._sampling_cache: dict[str, str] = {}
         for domain, ps in self.prompt_sets.items():
             terms = list(cfg.non_visual_terms) if cfg.non_visual_terms is not None else \
                 list(NON_VISUAL_TERMS) + list(ps.spec.non_visual_terms)
@@ -186,42 +187,53 @@ class LLMBackend:
         stats.counters["tokens_per_s"] = round(res.counters["tokens_out"] / gen_s, 1) if gen_s > 0 else 0.0
         return self.rows(items, res)
 
+    def class_rows(self, items: list[WorkItem], idxs: list[int], res: Results) -> list[tuple]:
+        """Post-processed rows of one class (its work items ``idxs``), as DESCRIPTIONS tuples."""
+        c = items[idxs[0]].cls
+        gens, failed = [], []
+        for ii in idxs:
+            it = items[ii]
+            for si in range(len(it.keys)):
+                if (ii, si) in res.samples:
+                    text, finish = res.samples[(ii, si)]
+                    gens.append((it.prompt.question_id, si, text, finish))
+                else:
+                    failed.append((it, si, res.failures.get((ii, si), "request_failed: no answer")))
+        qid_item = {items[ii].prompt.question_id: items[ii] for ii in idxs}
+        post = self._postprocs.get(c.domain) or self._postprocs["general"]
+        out = []
+
+        def row(it: WorkItem, qid: str, si: int, text: Optional[str], kept: bool, reason: Optional[str]) -> tuple:
+            return (it.cls.domain, it.cls.class_name, qid, si, text, self.name, self.cfg.model, it.pset.sha,
+                    self._sampling_json(it.pset), kept, reason)
+
+        for qid, si, d in post.process_class(c.class_name, gens):
+            out.append(row(qid_item[qid], qid, si, d.text, d.kept, d.reject_reason))
+        for it, si, reason in failed:
+            out.append(row(it, it.prompt.question_id, si, None, False, reason))
+        return out
+
     def rows(self, items: list[WorkItem], res: Results) -> pa.Table:
+        """The DESCRIPTIONS table, class by class; classes post-processed during generation are reused."""
         by_class: dict[ClassInfo, list[int]] = defaultdict(list)
         for ii, it in enumerate(items):
             by_class[it.cls].append(ii)
-        cols: dict[str, list] = {f.name: [] for f in DESCRIPTIONS}
-
-        def add(it: WorkItem, qid: str, si: int, text: Optional[str], kept: bool, reason: Optional[str]) -> None:
-            for k, v in (("domain", it.cls.domain), ("class_name", it.cls.class_name), ("question_id", qid),
-                         ("sample_index", si), ("text", text), ("backend", self.name), ("model", self.cfg.model),
-                         ("prompt_sha", it.pset.sha), ("sampling", self._sampling_json(it.pset)), ("kept", kept),
-                         ("reject_reason", reason)):
-                cols[k].append(v)
-
+        out: list[tuple] = []
         for c in sorted(by_class):
-            idxs = by_class[c]
-            gens, failed = [], []
-            for ii in idxs:
-                it = items[ii]
-                for si in range(len(it.keys)):
-                    if (ii, si) in res.samples:
-                        text, finish = res.samples[(ii, si)]
-                        gens.append((it.prompt.question_id, si, text, finish))
-                    else:
-                        failed.append((it, si, res.failures.get((ii, si), "request_failed: no answer")))
-            qid_item = {items[ii].prompt.question_id: items[ii] for ii in idxs}
-            post = self._postprocs.get(c.domain) or self._postprocs["general"]
-            for qid, si, d in post.process_class(c.class_name, gens):
-                add(qid_item[qid], qid, si, d.text, d.kept, d.reject_reason)
-            for it, si, reason in failed:
-                add(it, it.prompt.question_id, si, None, False, reason)
-        return pa.table(cols, schema=DESCRIPTIONS)
+            done = res.class_rows.pop(c, None)
+            out.extend(done if done is not None else self.class_rows(items, by_class[c], res))
+        names = [f.name for f in DESCRIPTIONS]
+        cols = list(zip(*out)) if out else [[] for _ in names]
+        return pa.table({n: list(v) for n, v in zip(names, cols)}, schema=DESCRIPTIONS)
 
     def _sampling_json(self, pset: PromptSet) -> str:
-        return json.dumps({**pset.sampling, "api": self.cfg.api, **({"extra_body": self.cfg.extra_body}
+        cached = self._sampling_cache.get(pset.sha)
+        if cached is not None:
+            return cached
+        self._sampling_cache[pset.sha] = out = json.dumps({**pset.sampling, "api": self.cfg.api, **({"extra_body": self.cfg.extra_body}
                                                                     if self.cfg.extra_body else {})},
                           sort_keys=True)
+        return out
 
     def generate(self, items: list[WorkItem], todo: list[int], cache: RequestCache, res: Results) -> None:
         raise NotImplementedError
@@ -434,7 +446,19 @@ class OpenAIBackend(LLMBackend):
                                      timeout=httpx.Timeout(self.cfg.timeout)) as client:
             await self._check_model(client)
             sem = asyncio.Semaphore(self.cfg.concurrency)
-            await asyncio.gather(*(self._fetch(client, sem, ii, items[ii], cache, res) for ii in todo))
+            by_class: dict[ClassInfo, list[int]] = defaultdict(list)
+            for ii, it in enumerate(items):
+                by_class[it.cls].append(ii)
+            pending = Counter(items[ii].cls for ii in todo)
+
+            async def fetch(ii: int) -> None:
+                await self._fetch(client, sem, ii, items[ii], cache, res)
+                c = items[ii].cls
+                pending[c] -= 1
+                if pending[c] == 0:  # post-process a finished class while other requests are in flight
+                    res.class_rows[c] = self.class_rows(items, by_class[c], res)
+
+            await asyncio.gather(*(fetch(ii) for ii in todo))
 
     def generate(self, items: list[WorkItem], todo: list[int], cache: RequestCache, res: Results) -> None:
         log.info("describe[openai]: %s model=%s concurrency=%d", self.cfg.base_url, self.cfg.model,
