@@ -464,7 +464,9 @@ def plan(pool: Pool, cfg: MixConfig) -> tuple[Pool, Plan]:
                           "reason": f"{requested} rows cannot meet every share; {total} is the largest total "
                                     "that does"})
             applied = "same_shares"
-        closest["applied"] = applied if cfg.on_infeasible != "error" else None
+        if cfg.on_infeasible == "error":  # nothing is mixed; the closest mixes are in the report
+            total, bucket_rows, applied = 0, np.zeros(nb, np.int64), None
+        closest["applied"] = applied
 
     class_rows = np.zeros(len(pool.class_size), dtype=np.int64)
     if len(class_rows):
