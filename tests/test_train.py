@@ -1,10 +1,12 @@
 """Train/eval stage end to end on synthetic data: a tiny CLIP trained from scratch must learn.
 
-One session-scoped run (ingest -> describe -> pair -> webdataset shards -> train) is shared by the
-tests here. Measured on the dev box (2 CPU cores, ~10 s of training): contrastive loss 3.47 -> ~1.5
-(ln 32 = 3.47 is chance at batch 32; ~1.4 is the floor when 8 classes share 4 template captions in a
-batch), zero-shot top-1 on 128 held-out images of 8 classes ~0.95 (chance 0.125), and with the
-score stage's threshold filter, precision/recall ~1.0 at removing 30% mismatched captions.
+One session-scoped run (ingest -> describe -> pair -> write-stage shards -> train) is shared by the
+tests here; 96 optimizer steps of batch 32 on 384 images of 8 classes (32 px ViT, 2 layers).
+Measured on the dev box (2 shared CPU cores, 7-17 s of training): contrastive loss 3.6-3.7 -> 1.46-1.59
+(chance is ln 32 = 3.47; about 1.4 is the floor when 8 classes share 4 template captions in a batch);
+zero-shot top-1 on 256 held-out images 0.98-1.00 for every classifier (chance 0.125, the random init
+0.125); with the score stage's threshold filter (threshold fitted on half the pairs, about 0.6),
+precision and recall 1.00 at removing 30% mismatched captions on the other half (5 of 5 draws).
 """
 
 from __future__ import annotations

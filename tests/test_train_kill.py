@@ -23,6 +23,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import torch
+from pipeline.recipe import Recipe
 from pipeline.store import RunStore
 from pipeline.train import train
 torch.set_num_threads(1)
