@@ -319,3 +319,16 @@ def test_resume_after_kill_gives_identical_selection(tmp_path, tiny_clip_dir):
         rel = f.relative_to(ref.root)
         assert np.array_equal(np.load(f), np.load(store.root / rel)), rel
     assert emb_io.folder(store, "train").exists()
+
+
+def test_cli_summary(run):
+    from typer.testing import CliRunner
+
+    from pipeline.score.cli import app
+
+    _, _, store, _ = run
+    res = CliRunner().invoke(app, ["summary", str(store.root)])
+    assert res.exit_code == 0, res.output
+    assert "duplicate_near" in res.output and "ALL" in res.output
+    res = CliRunner().invoke(app, ["summary", str(store.root / "nope")])
+    assert res.exit_code == 1 and "run the score stage" in res.output

@@ -174,10 +174,17 @@ def cosine_matches(a: np.ndarray, tau: float, b: Optional[np.ndarray] = None, bl
         bnp = _pca_basis(both, prune_dims)
         basis = torch.from_numpy(bnp) if bnp is not None else None
     if basis is not None:
+        # Augmented projections: [-2p, |p|^2, 1] . [p', 1, |p'|^2] = |p - p'|^2, one GEMM per block pair.
         pa = xa @ basis
-        pb = (xb @ basis) if cross else pa
-        qa = (pa * pa).sum(1)
-        qb = (pb * pb).sum(1) if cross else qa
+        qa = (pa * pa).sum(1, keepdim=True)
+        ones_a = torch.ones_like(qa)
+        la = torch.cat([-2.0 * pa, qa, ones_a], 1)
+        if cross:
+            pb = xb @ basis
+            qb = (pb * pb).sum(1, keepdim=True)
+            rb = torch.cat([pb, torch.ones_like(qb), qb], 1)
+        else:
+            rb = torch.cat([pa, ones_a, qa], 1)
     # Squared-distance budget plus a float margin so rounding never hides a true match.
     budget = 2.0 - 2.0 * tau + 1e-4
     out_i, out_j, out_c = [], [], []
@@ -188,8 +195,7 @@ def cosine_matches(a: np.ndarray, tau: float, b: Optional[np.ndarray] = None, bl
             eb = min(m, t + block)
             if basis is not None:
                 # Lower bound of the squared distance between every pair of the block.
-                lb = qa[s:ea, None] + qb[None, t:eb] - 2.0 * (pa[s:ea] @ pb[t:eb].T)
-                cand = lb <= budget
+                cand = (la[s:ea] @ rb[t:eb].T) <= budget
                 if not cross and t == s:
                     cand = torch.triu(cand, diagonal=1)
                 ci, cj = torch.nonzero(cand, as_tuple=True)
