@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_server import TINY_LM_NAME, LLMServer, build_tiny_lm  # noqa: E402
 
-from pipeline.describe import ClassInfo, descriptions_path, load_kept, run  # noqa: E402
+from pipeline.describe import ClassInfo, descriptions_path, load_kept, run, summary_lines  # noqa: E402
 from pipeline.describe.llm import DescribeError  # noqa: E402
 from pipeline.describe.prompts import load_prompt_sets  # noqa: E402
 from pipeline.recipe import DescribeConfig, parse_recipe  # noqa: E402
@@ -95,6 +95,10 @@ def test_normal_chat_run_writes_descriptions_with_provenance(server, tmp_path):
     assert c["tokens_out"] == server.tokens_out > 0 and c["tokens_in"] > 0 and c["tokens_per_s"] > 0
     assert stats.total == len(rows) and stats.kept == len(kept) and stats.dropped  # junk rejected with reasons
     assert set(load_kept(store)) == {(c.domain, c.class_name) for c in CLASSES}
+    text = "\n".join(summary_lines(stats))
+    assert f"requests {nq} (ok {nq}, retries 0, failed 0)" in text and "tokens/s" in text
+    assert {r["metric"] for r in stats.summary_rows()} >= {"requests", "tokens_in", "tokens_out", "tokens_per_s",
+                                                           "cache_hit_rate", "failed_classes", "dropped_non_visual"}
     # done: a second call is skipped without any request
     run(recipe(server.base_url, n_per_question=3), store, CLASSES)
     assert server.requests == nq

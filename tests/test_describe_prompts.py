@@ -104,3 +104,16 @@ def test_vllm_compose_service_is_local_keyed_and_parametrised():
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
     assert "VLLM_API_KEY" in svc["environment"] and "?" in svc["environment"]["VLLM_API_KEY"]
     assert DescribeConfig().api_key_env == "VLLM_API_KEY" and DescribeConfig().base_url.endswith(":8000/v1")
+
+
+def test_describe_prompts_command_shows_filled_prompts_and_hash():
+    from typer.testing import CliRunner
+
+    from pipeline.describe.cli import app
+
+    res = CliRunner().invoke(app, ["describe-prompts", "apple scab", "--domain", "crops", "--context", "apple leaf"])
+    assert res.exit_code == 0, res.output
+    sha = load_prompt_sets(DescribeConfig(), {"crops"})["crops"].sha
+    assert f"prompt_sha {sha}" in res.output
+    assert "[cupl_describe] Describe what an apple scab looks like." in res.output
+    assert "[leaf_symptoms] What does an apple leaf with apple scab look like?" in res.output
