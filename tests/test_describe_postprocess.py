@@ -140,3 +140,9 @@ def test_split_and_strip_helpers():
     assert split_sentences("It is var. Alba from the field. It has spots! Does it? yes") == [
         "It is var. Alba from the field.", "It has spots!", "Does it? yes"]
     assert strip_quotes("'“A carp.”'") == "A carp."
+
+
+def test_structured_output_json_is_flattened_to_sentences():
+    gen = '{"descriptions": ["A koi carp has orange and white patches.", "The koi carp has long barbels."]}'
+    rows = _rows(PostProcessor(), "koi carp", [("q", 0, gen, "stop")])
+    assert rows == [("q", 0, "A koi carp has orange and white patches. The koi carp has long barbels.", True, None)]

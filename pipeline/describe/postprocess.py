@@ -10,6 +10,7 @@ boundary. Every dropped sentence becomes its own row with ``kept=False`` and a `
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -141,6 +142,32 @@ def non_visual_pattern(terms: Iterable[str]) -> Optional[re.Pattern]:
     return re.compile(r"(?<![a-z0-9])(" + alts + r")(?:s|es|d|ed|ing)?(?![a-z0-9])", re.I)
 
 
+def _from_json(text: str) -> str:
+    """Structured outputs (extra_body structured_outputs / response_format) arrive as JSON: keep its strings,
+    one per line, so a list of descriptions splits like a bulleted answer."""
+    t = text.strip()
+    if not t or t[0] not in "[{":
+        return text
+    try:
+        data = json.loads(t)
+    except ValueError:
+        return text
+    out: list[str] = []
+
+    def walk(x) -> None:
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(data)
+    return "\n".join(out)
+
+
 def _dedupe_key(s: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", s.lower()))
 
@@ -239,7 +266,8 @@ class PostProcessor:
 
     def clean(self, text: str, finish_reason: Optional[str] = None) -> tuple[list[str], list[Decision]]:
         """Sentences of one generation after stripping, plus the fragments dropped on the way."""
-        text = _PREAMBLE.sub("", text or "", count=1)
+        text = _from_json(text or "")
+        text = _PREAMBLE.sub("", text, count=1)
         sentences = [strip_quotes(s) for s in split_sentences(text)]
         sentences = [s for s in sentences if s]
         dropped: list[Decision] = []
