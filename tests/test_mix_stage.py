@@ -158,3 +158,27 @@ def test_domain_metrics_reads_the_eval_document():
                     {"model": "finetuned", "task": "c", "classifier": "both", "top1": 0.9},
                     {"model": "base", "task": "a", "classifier": "template", "top1": 0.1}]})
     assert tuned == {"crops": pytest.approx(0.6)} and base == {"crops": 0.1}
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_the_real_writer_train_and_eval(tmp_path, prefect_harness, tiny_clip_dir):
+    """Demo run (upstream stages), then a 3-share sweep with real shards, a few train steps and eval."""
+    from flows.build_alive import build_alive
+    from pipeline.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    over = {"score.model": str(tiny_clip_dir), "train.model": str(tiny_clip_dir), "train.enabled": False,
+            "eval.enabled": False}
+    out = tmp_path / "demo"
+    build_alive(str(ROOT / "recipes" / "demo.yaml"), str(out), over, False)
+    recipe = load_recipe(ROOT / "recipes" / "demo.yaml", {**over, "train.max_steps": 2, "train.batch_size": 8,
+                                                           "train.warmup_steps": 0})
+    store = RunStore(out)
+    path = sweep_mod.sweep(recipe, store, [0.0, 0.23, 0.5])
+    rows = list(csv.DictReader(path.open()))
+    assert [float(r["general_share"]) for r in rows] == [0.0, 0.23, 0.5]
+    assert all(0 <= float(r["crops"]) <= 1 for r in rows)  # the demo's eval source is a crops task
+    for share in ("0.0000", "0.2300", "0.5000"):
+        child = RunStore(store.path("mixing_law", f"share-{share}"))
+        assert (child.path("shards", "wds", "sizes.json")).exists() and child.path("eval", "results.json").exists()
+    assert fit_all(read_results(path))["crops"].n == 3

@@ -199,6 +199,8 @@ def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[Any]]:
     """Dictionary codes (int32, -1 for null) and the dictionary of a string-like column."""
     if isinstance(col, pa.Array):
         col = pa.chunked_array([col])
+    if pa.types.is_null(col.type):  # an all-null column read without a type
+        col = col.cast(pa.string())
     if pa.types.is_dictionary(col.type):
         col = col.unify_dictionaries()
     else:
@@ -240,7 +242,8 @@ def _group_codes(key: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def encode(table: pa.Table, cfg: MixConfig) -> Pool:
-    """Bucket and class ids per row. Buckets are sorted by name, classes by first appearance."""
+    """Bucket and class ids per row. Buckets are sorted by name; classes follow the class_name
+    dictionary (first appearance for plain strings), the unlabeled rows first in each bucket."""
     _check_input(table)
     n = table.num_rows
     dom, dom_names = _codes(table["domain"])
@@ -264,10 +267,11 @@ def encode(table: pa.Table, cfg: MixConfig) -> Pool:
             domains = [by_src[s][1] for s in names]
         else:
             labels = [f"{d}/{s}" for d, s in zip(pair_dom, pair_src)]
+            domain_of = dict(zip(labels, pair_dom))
             names = sorted(labels)
             pos = {s: i for i, s in enumerate(names)}
             remap = np.array([pos[s] for s in labels], dtype=np.int32)
-            domains = [names[i].split("/", 1)[0] for i in range(len(names))]
+            domains = [domain_of[nm] for nm in names]
         row_bucket = remap[pair_id] if n else np.zeros(0, np.int32)
         del pair_id
     else:
@@ -275,7 +279,10 @@ def encode(table: pa.Table, cfg: MixConfig) -> Pool:
         names = sorted(dom_names[i] for i in present.tolist())
         pos = {s: i for i, s in enumerate(names)}
         remap = np.array([pos.get(d, -1) for d in dom_names], dtype=np.int32)
-        row_bucket = remap[dom] if n else np.zeros(0, np.int32)
+        if np.array_equal(remap, np.arange(len(dom_names))):
+            row_bucket = dom  # dictionary already in bucket order: no copy
+        else:
+            row_bucket = remap[dom] if n else np.zeros(0, np.int32)
         domains = list(names)
     del dom
 
@@ -377,7 +384,7 @@ def target_shares(pool_names: list[str], pool_domains: list[str], cap1: np.ndarr
     for g, s in level1.items():
         members = groups.get(g)
         if not members:
-            empty.append((g, group_domain.get(g, GENERAL if g == GENERAL else g)))
+            empty.append((g, g if cfg.bucket_by == "domain" or g == "(domain data)" else "(no rows)"))
             shares[g] = s
             continue
         if len(members) == 1:
@@ -519,7 +526,6 @@ def sample_repeats(pool: Pool, class_rows: np.ndarray, seed: int) -> np.ndarray:
     draw = np.random.default_rng([seed, 0x6D6978]).integers(0, 2**32, size=pool.n_rows, dtype=np.uint32)
     key = (draw >> np.uint32(32 - _BIN_BITS)).astype(np.int32)
     key += lc * np.int32(n_bins)
-    del lc
     hist = np.bincount(key, minlength=(n_part + 1) * n_bins).reshape(n_part + 1, n_bins)[:n_part]
     cum = np.cumsum(hist, axis=1)
     want = extra[partial]
@@ -527,7 +533,8 @@ def sample_repeats(pool: Pool, class_rows: np.ndarray, seed: int) -> np.ndarray:
     below = np.where(cut > 0, cum[np.arange(n_part), np.maximum(cut - 1, 0)], 0)
     thr = np.full(n_part + 1, -1, dtype=np.int32)
     thr[:n_part] = np.arange(n_part, dtype=np.int32) * n_bins + cut.astype(np.int32)
-    thr_row = thr[key // np.int32(n_bins)]
+    thr_row = thr[lc]
+    del lc
     rep += key < thr_row
     cand = np.flatnonzero(key == thr_row)
     del thr_row, key

@@ -69,11 +69,13 @@ def table_digest(table: pa.Table) -> str:
     """sha256 of a table's columns (their Arrow buffers), for the stage fingerprint."""
     h = hashlib.sha256()
     for name in table.column_names:
-        col = table[name].combine_chunks() if table[name].num_chunks != 1 else table[name].chunk(0)
-        h.update(f"{name}:{col.type}:{len(col)}:{col.offset}".encode())
-        for buf in col.buffers():
-            if buf is not None:
-                h.update(memoryview(buf))
+        for chunk in table[name].chunks:  # the same input files give the same chunks
+            h.update(f"{name}:{chunk.type}:{len(chunk)}:{chunk.offset}".encode())
+            parts = [chunk, chunk.dictionary] if pa.types.is_dictionary(chunk.type) else [chunk]
+            for arr in parts:
+                for buf in arr.buffers():
+                    if buf is not None:
+                        h.update(memoryview(buf))
     return h.hexdigest()[:16]
 
 
