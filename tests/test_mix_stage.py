@@ -151,7 +151,8 @@ def test_sweep_without_the_train_stage_says_so(tmp_path, monkeypatch):
 def test_domain_metrics_reads_the_eval_document():
     tuned, base = sweep_mod.domain_metrics({
         "classifiers": ["template", "both"],
-        "tasks": [{"task": "a", "domain": "crops"}, {"task": "b", "domain": "crops"}, {"task": "c", "domain": "general"}],
+        "tasks": [{"task": "a", "domain": "crops"}, {"task": "b", "domain": "crops"},
+                  {"task": "c", "domain": "general"}],
         "results": [{"model": "finetuned", "task": "a", "classifier": "template", "top1": 0.5},
                     {"model": "finetuned", "task": "b", "classifier": "template", "top1": 0.7},
                     {"model": "finetuned", "task": "c", "classifier": "template", "top1": np.nan},

@@ -336,8 +336,8 @@ def recommend(fits: dict[str, LawFit], rule: str = "min-general", *, general_dom
         if not ok.any():
             best = grid[int(np.argmax(sign * pred))]
             out.update({"share": None, "predicted": {d: float(f.predict(best)) for d, f in fits.items()},
-                        "reason": f"no share in [0, 1] keeps {general_domain} within {tolerance:g} of {base_value:.4g}; "
-                                  f"the best predicted {general_domain} value is {float(g.predict(best)):.4g} "
+                        "reason": f"no share in [0, 1] keeps {general_domain} within {tolerance:g} of "
+                                  f"{base_value:.4g}; the best predicted {general_domain} value is {float(g.predict(best)):.4g} "
                                   f"at share {best:.3f}",
                         "extrapolated": False})
             return out

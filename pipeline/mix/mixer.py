@@ -446,6 +446,7 @@ def plan(pool: Pool, cfg: MixConfig) -> tuple[Pool, Plan]:
         for b in np.flatnonzero(short).tolist():
             name = pool.bucket_names[b]
             in_b = pool.class_bucket == b
+            n_cls = int((in_b & ~pool.unlabeled).sum())
             unmet.append({
                 "constraint": "share",
                 "bucket": name,
@@ -453,8 +454,8 @@ def plan(pool: Pool, cfg: MixConfig) -> tuple[Pool, Plan]:
                 "target_rows": round(float(s[b] * requested), 3),
                 "max_rows": int(b_cap[b]),
                 "reason": (
-                    f"bucket {name!r} has {int(pool.class_size[in_b].sum())} samples in {int(in_b.sum())} "
-                    f"class(es); with class_cap={cfg.class_cap} and max_repeats={cfg.max_repeats} it can supply "
+                    f"bucket {name!r} has {int(pool.class_size[in_b].sum())} samples ({n_cls} labelled "
+                    f"class(es)); with class_cap={cfg.class_cap} and max_repeats={cfg.max_repeats} it can supply "
                     f"at most {int(b_cap[b])} rows, but {s[b]:.4%} of {requested} is {s[b] * requested:.1f}"
                     if b_cap[b] > 0 else f"bucket {name!r} has no samples in the pool"
                 ),

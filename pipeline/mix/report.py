@@ -130,7 +130,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     cells = [[str(r[c]) for c in cols] for r in rows]
     width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, width)))  # noqa: E731
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, width)))
+
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from .. import selection
 from ..recipe import MixConfig, Recipe, fingerprint
 from ..stats import StageStats
 from ..store import RunStore, write_json_atomic, write_parquet_atomic
-from ..tables import EXCLUDED, MANIFEST
+from ..tables import EXCLUDED
 from .mixer import REASONS, MixInfeasibleError, MixResult, manifest_from, mix
 from .report import build_report, summary_lines, table_rows
 
@@ -79,11 +81,11 @@ def table_digest(table: pa.Table) -> str:
     return h.hexdigest()[:16]
 
 
-def manifest_path(store: RunStore):
+def manifest_path(store: RunStore) -> Path:
     return store.path(STAGE, "manifest.parquet")
 
 
-def report_path(store: RunStore):
+def report_path(store: RunStore) -> Path:
     return store.path(STAGE, "mix_report.json")
 
 
@@ -142,8 +144,6 @@ def run(recipe: Recipe, store: RunStore) -> StageStats:
 
 def load_report(store: RunStore) -> dict[str, Any]:
     """The report of a finished mix stage."""
-    import json
-
     return json.loads(report_path(store).read_text())
 
 
@@ -151,5 +151,3 @@ def report_table(store: RunStore) -> list[dict[str, Any]]:
     """Per-bucket target vs realised rows of a finished run (CLI table / Prefect table artifact)."""
     return table_rows(load_report(store))
 
-
-__all__ = ["MANIFEST", "mix_table", "run", "report_table", "excluded_from", "table_digest"]
