@@ -392,7 +392,15 @@ def plot(results: Results, fits: dict[str, LawFit], rec: Optional[dict[str, Any]
         ax.axvline(rec["share"], color="k", ls="--", lw=1)
         ax.annotate(f"{rec['rule']}: r = {rec['share']:.3f}", (rec["share"], 0.02), xycoords=("data", "axes fraction"),
                     xytext=(4, 0), textcoords="offset points", fontsize=8)
-    ax.set_xlabel("general share r")
+    all_r = np.concatenate([r for r, _ in results.points.values()])
+    all_y = np.concatenate([y for _, y in results.points.values()] + [np.array(list(results.base.values()))])
+    lo, hi = float(all_y.min()), float(all_y.max())
+    pad = 0.35 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)  # extrapolated curves may run far off: keep the data readable
+    for a, b in ((0.0, float(all_r.min())), (float(all_r.max()), 1.0)):
+        if b > a:
+            ax.axvspan(a, b, color="0.93", zorder=0)
+    ax.set_xlabel("general share r (shaded: outside the shares tried)")
     ax.set_ylabel("metric")
     ax.set_xlim(0, 1)
     ax.set_title("Data mixing law fit: metric(r) = c + k·exp(t·r)")
