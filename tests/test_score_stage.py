@@ -290,6 +290,7 @@ score.finalize(recipe, store)
 """
 
 
+@pytest.mark.slow  # a subprocess importing torch plus two full runs: ~30 s on a busy 2-core machine
 def test_resume_after_kill_gives_identical_selection(tmp_path, tiny_clip_dir):
     recipe = make_recipe(tmp_path, tiny_clip_dir, batch_size=2)
     ref = RunStore(tmp_path / "ref")
