@@ -131,6 +131,12 @@ def _mount() -> None:
     except ImportError:
         pass
     try:
+        from .score.cli import app as score_app
+
+        app.add_typer(score_app, name="score", help="Score pairs with CLIP, summaries, bf16 parity.")
+    except ImportError:
+        pass
+    try:
         from .train.cli import app as train_app
 
         for cmd in train_app.registered_commands:
