@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
@@ -166,6 +167,32 @@ def _stage_summary(stats: dict[str, StageStats]) -> list[dict[str, Any]]:
     return rows
 
 
+def _run_artifacts(r: Recipe, store: RunStore, summary: dict, index: Path, uploaded: Optional[dict]) -> None:
+    """Table artifacts of the mix report and the eval table, and a markdown artifact linking the report."""
+    import json
+
+    mix_report = store.path("mix", "mix_report.json")
+    if mix_report.exists():
+        from pipeline.mix.report import table_rows
+
+        _table_artifact("mix-report", table_rows(json.loads(mix_report.read_text())),
+                        f"Mix of {r.name}: target vs realised share per bucket")
+    results = store.path("eval", "results.json")
+    if results.exists():
+        _table_artifact("eval-zero-shot", json.loads(results.read_text()).get("rows") or [],
+                        f"Zero-shot accuracy on the eval sources of {r.name}")
+    lines = [f"# {r.name}", "",
+             f"- report: [{index}]({index.as_uri()}) (open the file in a browser; no server needed)",
+             f"- shards: `{store.path('shards')}` ({summary.get('n_shards')} shards, {summary.get('n_samples')} samples)",
+             f"- recipe hash: `{r.sha}`"]
+    if uploaded:
+        lines.append(f"- uploaded to [{uploaded['repo_id']}]({uploaded['url']})")
+    try:
+        create_markdown_artifact(key="build-report", markdown="\n".join(lines), description=f"Report of {r.name}")
+    except Exception as e:  # no API (plain library use): the report is on disk either way
+        logging.getLogger(__name__).debug("markdown artifact not created: %s", e)
+
+
 # ----------------------------- the flow -----------------------------
 @flow(name="build-alive", log_prints=False)
 def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = None, progress: bool = True) -> dict:
@@ -235,17 +262,16 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
         "recipe": r.name, "recipe_hash": r.sha, "models": models,
         "stages": {k: v.to_dict() for k, v in stats.items()}, "shards": summary,
     })
-    try:
-        from pipeline import report
+    from pipeline import report
 
-        report.build(r, store)
-    except ImportError:
-        pass
+    index = report.build(r, store)
+    uploaded = None
     if r.upload.enabled:
         from pipeline import upload
 
-        upload.upload_run(store, r.upload.repo_id, private=r.upload.private,
-                          include_webdataset=r.upload.include_webdataset)
+        uploaded = upload.upload_run(store, r.upload.repo_id, private=r.upload.private,
+                                     include_webdataset=r.upload.include_webdataset)
+    _run_artifacts(r, store, summary, index, uploaded)
     return {"out": str(store.root), "stages": rows, "shards": summary.get("n_shards"),
             "samples": summary.get("n_samples"), "models": models}
 

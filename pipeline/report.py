@@ -154,7 +154,10 @@ def samples(store: RunStore, n: int = GRID_SAMPLES) -> list[Sample]:
         pf = pq.ParquetFile(hf[0])
         if pf.metadata.num_row_groups == 0:
             return []
-        t = pf.read_row_group(0, columns=["image", "caption", "clip_score", "domain", "class_name", "key"])
+        t = pf.read_row_group(0, columns=["image", "caption", "clip_score", "domain", "class_name", "key", "uid"])
+        # one copy per sample: upsampled samples repeat in the shards
+        first = np.unique(np.array(t["uid"].to_pylist(), dtype=object), return_index=True)[1] if t.num_rows else []
+        t = t.take(pa.array(np.sort(first), pa.int64()))
         idx = np.unique(np.linspace(0, t.num_rows - 1, num=min(n, t.num_rows)).round().astype(int)) if t.num_rows else []
         rows = t.take(pa.array(idx, pa.int64())).to_pylist()
         return [Sample(r["image"]["bytes"], r["caption"], r["clip_score"], r["domain"], r["class_name"], r["key"])
@@ -188,14 +191,15 @@ def _new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = False) -> bytes:
+    """PNG bytes; ``tight`` crops to the drawn artists (labels and legends outside the axes)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, **({"bbox_inches": "tight"} if tight else {}))
     return buf.getvalue()
 
 
@@ -221,7 +225,7 @@ def plot_class_counts(counts: dict[str, Counter]) -> tuple[bytes, bytes, list[st
     ax.set_ylabel("samples")
     ax.set_title("Samples per domain")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    by_domain = _png(fig)
+    by_domain = _png(fig, tight=True)
 
     ref = counts.get("before filtering") or next(iter(counts.values()))
     classes = [c for c, _ in sorted(ref.items(), key=lambda kv: (-kv[1], kv[0]))][:MAX_CLASS_BARS]
@@ -236,7 +240,7 @@ def plot_class_counts(counts: dict[str, Counter]) -> tuple[bytes, bytes, list[st
     ax.set_xlabel("samples")
     ax.set_title(f"Samples per class ({len(classes)} largest)" if len(ref) > len(classes) else "Samples per class")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return by_domain, _png(fig), classes
+    return by_domain, _png(fig, tight=True), classes
 
 
 def plot_scores(scores: dict[str, dict[str, np.ndarray]], min_score: Optional[float]) -> bytes:
@@ -259,29 +263,61 @@ def plot_scores(scores: dict[str, dict[str, np.ndarray]], min_score: Optional[fl
         ax.set_xlabel("CLIP score", fontsize=8)
         ax.legend(fontsize=7)
     fig.suptitle("CLIP score per domain")
+    h = 2.8 * rows  # margins in inches, whatever the number of rows
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.5 / h, top=1 - 0.55 / h, hspace=0.6, wspace=0.25)
     return _png(fig)
 
 
-def plot_samples(items: list[Sample]) -> bytes:
-    """Thumbnail grid with each sample's caption (wrapped) and CLIP score."""
+def plot_samples(items: list[Sample], cell: int = 160) -> bytes:
+    """Thumbnail grid with each sample's domain, CLIP score and caption (wrapped).
+
+    The thumbnails are pasted into one mosaic (one matplotlib image, not one axes per sample: the
+    report stays cheap to render for any grid size).
+    """
     from PIL import Image
 
-    cols = 4
+    cols = min(4, max(1, len(items)))
     rows = -(-len(items) // cols)
-    fig = _new_figure(3.2 * cols, 3.6 * rows)
+    pad = 8
+    mosaic = Image.new("RGB", (cols * (cell + pad), rows * (cell + pad)), "white")
+    unreadable = []
     for i, s in enumerate(items):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        r, c = divmod(i, cols)
         try:
             with Image.open(io.BytesIO(s.image)) as im:
                 im = im.convert("RGB")
-                im.thumbnail((192, 192))
-                ax.imshow(np.asarray(im))
+                im.thumbnail((cell, cell))
+                mosaic.paste(im, (c * (cell + pad) + (cell - im.width) // 2, r * (cell + pad) + (cell - im.height) // 2))
         except Exception as e:  # one unreadable image never hides the others
-            ax.text(0.5, 0.5, f"unreadable image:\n{type(e).__name__}", ha="center", va="center", fontsize=7)
-        score = "no score" if s.score is None else f"score {s.score:.3f}"
-        cap = "\n".join(textwrap.wrap(s.caption or "", 34)[:3])
-        ax.set_title(f"{s.domain} · {score}\n{cap}", fontsize=7)
-        ax.axis("off")
+            unreadable.append((i, type(e).__name__))
+    text_h = 0.75  # inches of caption under each row
+    w_in = cols * (cell + pad) / DPI
+    h_img = rows * (cell + pad) / DPI
+    fig = _new_figure(w_in, h_img + rows * text_h)
+    fig.subplots_adjust(0, 0, 1, 1)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, mosaic.width)
+    ax.set_ylim(mosaic.height + rows * text_h * DPI, 0)
+    # place each image row above its caption band
+    arr = np.asarray(mosaic)
+    for r in range(rows):
+        y0 = r * (cell + pad + text_h * DPI)
+        band = arr[r * (cell + pad):(r + 1) * (cell + pad)]
+        ax.imshow(band, extent=(0, mosaic.width, y0 + cell + pad, y0), interpolation="nearest")
+        for c in range(cols):
+            i = r * cols + c
+            if i >= len(items):
+                break
+            s = items[i]
+            score = "no score" if s.score is None else f"score {s.score:.3f}"
+            cap = "\n".join(textwrap.wrap(s.caption or "", 30)[:3])
+            ax.text(c * (cell + pad) + 2, y0 + cell + pad + 2, f"{s.domain} · {score}\n{cap}", fontsize=6.5,
+                    va="top", ha="left")
+    for i, err in unreadable:
+        r, c = divmod(i, cols)
+        ax.text(c * (cell + pad) + cell / 2, r * (cell + pad + text_h * DPI) + cell / 2, f"unreadable\n{err}",
+                ha="center", va="center", fontsize=7)
+    ax.axis("off")
     return _png(fig)
 
 
@@ -301,7 +337,7 @@ def plot_timings(stats: dict[str, StageStats]) -> bytes:
         ax.text(secs[i], i, f"  {stats[s].total} items" + (f", {rate:.1f}/s" if rate else ""), va="center", fontsize=8)
     ax.set_xlim(0, max(secs + [1e-3]) * 1.45)
     ax.set_title("Stage timings and throughput")
-    return _png(fig)
+    return _png(fig, tight=True)
 
 
 def _rate(st: StageStats) -> Optional[float]:

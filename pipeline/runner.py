@@ -90,10 +90,25 @@ def task_runner_scope(cfg: RunnerConfig) -> Iterator[Any]:
     runner = make_task_runner(cfg)
     url = _api_url_for_remote_workers()
     settings = temporary_settings({PREFECT_API_URL: url}) if url else _null()
-    with settings, runner:
+    from prefect_ray.context import remote_options
+
+    with settings, runner, remote_options(runtime_env={"env_vars": worker_env()}):
         log.info("shard tasks run on Ray (%s)", cfg.address or "local instance")
         with ctx.model_copy(update={"task_runner": runner}):
             yield runner
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of the Ray workers that run shard tasks.
+
+    CPU matmul results depend on the number of intra-op threads (the reduction is split differently),
+    and Ray starts workers with ``OMP_NUM_THREADS=1``. Workers get this process's torch thread count
+    instead, so scores and embeddings are the bits a local run computes.
+    """
+    import torch
+
+    n = str(torch.get_num_threads())
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
 
 
 @contextmanager
