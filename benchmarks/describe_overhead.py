@@ -6,7 +6,7 @@ vLLM batches concurrent requests). Baseline: an httpx.AsyncClient + semaphore th
 sums ``usage.completion_tokens``. Ours: ``pipeline.describe.run`` on a fresh run folder, so every
 request is a cache miss, and its time includes planning, the SQLite cache writes,
 post-processing and writing descriptions.parquet. Rounds alternate which side goes first; the
-best round of each is compared (throughput on a shared machine only ever loses to noise). Target: overhead = 1 - ours/baseline <= 10%.
+overhead is the median over rounds of 1 - ours/baseline (the two sides of a round run back to back). Target: overhead = 1 - ours/baseline <= 10%.
 
     python benchmarks/describe_overhead.py [--classes 24] [--concurrency 64] [--rounds 2]
 
@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,12 @@ def start_server(model_dir: Path, mode: str, threads: int) -> tuple[subprocess.P
 
 
 async def bare_client(base_url: str, model: str, bodies: list[dict], concurrency: int, timeout: float) -> dict:
-    """The baseline: post every body with at most ``concurrency`` in flight; nothing else."""
+    """The baseline: post every body with at most ``concurrency`` in flight; nothing else.
+
+    Like the stage it first asks GET /v1/models: with one connection already open, httpx's pool
+    ramps up far faster than when 64 connects race (about 2x on the scripted server here), and
+    the baseline should be the strongest bare client, not a handicapped one.
+    """
     sem = asyncio.Semaphore(concurrency)
     tokens = {"out": 0, "in": 0}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -79,6 +85,7 @@ async def bare_client(base_url: str, model: str, bodies: list[dict], concurrency
                 tokens["in"] += u["prompt_tokens"]
 
         t0 = time.perf_counter()
+        (await client.get("models")).raise_for_status()
         await asyncio.gather(*(one(b) for b in bodies))
         dt = time.perf_counter() - t0
     return {"tokens_out": tokens["out"], "seconds": dt, "tokens_per_s": tokens["out"] / dt}
@@ -86,11 +93,11 @@ async def bare_client(base_url: str, model: str, bodies: list[dict], concurrency
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--classes", type=int, default=24)
+    ap.add_argument("--classes", type=int, default=16)
     ap.add_argument("--n", type=int, default=4, help="samples per question")
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--server", choices=["tiny", "scripted"], default="tiny")
     ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the tiny-model server")
     args = ap.parse_args()
@@ -136,15 +143,21 @@ def main() -> None:
             print(f"round {rnd}: bare client {b['tokens_per_s']:.1f} tokens/s ({b['tokens_out']} tokens, "
                   f"{b['seconds']:.2f}s); describe stage {o['tokens_per_s']:.1f} tokens/s ({o['tokens_out']} tokens, "
                   f"{o['seconds']:.2f}s)")
-        base = max(r["tokens_per_s"] for r in base_runs)
-        ours = max(r["tokens_per_s"] for r in our_runs)
-        overhead = 1 - ours / base
-        print(f"bare client: {base:.1f} tokens/s   describe stage: {ours:.1f} tokens/s   overhead: {100 * overhead:.1f}%"
-              f" (target <= 10%)")
+        # Per round, both sides ran back to back: the median of the paired ratios is robust to load spikes
+        # from other processes on a shared machine; the medians of each side are reported with it.
+        ratios = sorted(o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(our_runs, base_runs))
+        ratio = statistics.median(ratios)
+        base = statistics.median(r["tokens_per_s"] for r in base_runs)
+        ours = statistics.median(r["tokens_per_s"] for r in our_runs)
+        overhead = 1 - ratio
+        print(f"bare client: {base:.1f} tokens/s   describe stage: {ours:.1f} tokens/s   (medians of {args.rounds} "
+              f"rounds)   overhead: {100 * overhead:.1f}% (median of paired rounds; per round "
+              f"{', '.join(f'{100 * (1 - x):.1f}%' for x in ratios)}; target <= 10%)")
         print(json.dumps({"benchmark": "describe_overhead", "ours": round(ours, 1), "baseline": round(base, 1),
-                          "unit": "tokens/s", "speedup": round(ours / base, 3), "overhead": round(overhead, 4),
-                          "target_overhead": 0.10, "requests": len(bodies), "n": args.n,
-                          "concurrency": args.concurrency, "server": args.server}))
+                          "unit": "tokens/s", "speedup": round(ratio, 3), "overhead": round(overhead, 4),
+                          "target_overhead": 0.10, "overhead_per_round": [round(1 - x, 4) for x in ratios],
+                          "requests": len(bodies), "n": args.n, "concurrency": args.concurrency,
+                          "server": args.server}))
     finally:
         proc.terminate()
         proc.wait(10)

@@ -301,6 +301,7 @@ class LLMServer:
     def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         return app
@@ -355,6 +356,12 @@ class LLMServer:
             return _error(401, "invalid API key")
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "owned_by": "alive-tests", "max_model_len": 512}]})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Counters for a benchmark driving the server from another process (not part of the OpenAI API)."""
+        return web.json_response({"requests": self.requests, "answered": self.answered,
+                                  "max_in_flight": self.max_in_flight, "tokens_out": self.tokens_out,
+                                  "batch_sizes": list(self.lm.batch_sizes) if self.lm else []})
 
     def _authorised(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"

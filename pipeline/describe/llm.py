@@ -451,14 +451,19 @@ class OpenAIBackend(LLMBackend):
                 by_class[it.cls].append(ii)
             pending = Counter(items[ii].cls for ii in todo)
 
+            loop = asyncio.get_running_loop()
+
             async def fetch(ii: int) -> None:
                 await self._fetch(client, sem, ii, items[ii], cache, res)
                 c = items[ii].cls
                 pending[c] -= 1
-                if pending[c] == 0:  # post-process a finished class while other requests are in flight
-                    res.class_rows[c] = self.class_rows(items, by_class[c], res)
+                if pending[c] == 0:
+                    # Post-process a finished class while other requests are in flight, on a worker thread:
+                    # in the loop it would stall sending and receiving for tens of ms per class.
+                    res.class_rows[c] = await loop.run_in_executor(pool, self.class_rows, items, by_class[c], res)
 
-            await asyncio.gather(*(fetch(ii) for ii in todo))
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="describe-post") as pool:
+                await asyncio.gather(*(fetch(ii) for ii in todo))
 
     def generate(self, items: list[WorkItem], todo: list[int], cache: RequestCache, res: Results) -> None:
         log.info("describe[openai]: %s model=%s concurrency=%d", self.cfg.base_url, self.cfg.model,
