@@ -131,6 +131,12 @@ def _mount() -> None:
     except ImportError:
         pass
     try:
+        from .describe.cli import app as describe_app
+
+        app.registered_commands += describe_app.registered_commands
+    except ImportError:
+        pass
+    try:
         from .score.cli import app as score_app
 
         app.add_typer(score_app, name="score", help="Score pairs with CLIP, summaries, bf16 parity.")
