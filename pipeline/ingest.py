@@ -31,6 +31,25 @@ def make_uid(source: str, orig_id: str) -> str:
     return hashlib.sha256(f"{source}\x00{orig_id}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
+def _utf8_safe(text: Optional[str]) -> Optional[str]:
+    """``text`` made storable as UTF-8 (None stays None).
+
+    Non-UTF-8 file names arrive as surrogate escapes, which Arrow refuses; their bytes are kept visible
+    as ``\\xNN``. The uid is still made from the original name.
+    """
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def part_fingerprint(recipe: Recipe, part: sources.PartSpec) -> str:
     return fingerprint(CODE_VERSION, part.fingerprint, recipe.image_size, recipe.ingest.jpeg_quality,
                        recipe.ingest.max_image_pixels)
@@ -68,7 +87,7 @@ def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: 
         if raw.error is not None:
             status = "failed_to_download" if raw.error.startswith("failed_to_download") else "failed_to_read"
             res = None
-            err = raw.error
+            err = _utf8_safe(raw.error)
         else:
             res = process_image(raw.data, image_size, quality, max_pixels)
             status, err = res.status, res.error
@@ -78,14 +97,14 @@ def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: 
         if ok:
             stats.kept += 1
         else:
-            stats.drop(status, example=f"{src.name}:{oid}: {err}")
+            stats.drop(status, example=f"{src.name}:{_utf8_safe(oid)}: {err}")
         cols["uid"].append(make_uid(src.name, oid))
         cols["source"].append(src.name)
         cols["domain"].append(src.domain)
         cols["role"].append(src.role)
         cols["label"].append(label)
         cols["class_name"].append(clean_class_name(label, src.class_names) if label is not None else None)
-        cols["orig_id"].append(oid)
+        cols["orig_id"].append(_utf8_safe(oid))
         cols["image"].append(res.jpeg if ok and res else None)
         cols["width"].append(res.width if ok and res else None)
         cols["height"].append(res.height if ok and res else None)
