@@ -105,6 +105,10 @@ def plan_parquet(src: ParquetSource, part_size: int, spool_dir: Path) -> list[Pa
         taken += n
         if src.max_samples and taken >= src.max_samples:
             break
+    if not parts:
+        shown = ", ".join(files[:3]) + (" ..." if len(files) > 3 else "")
+        raise SourceError(f"source {src.name!r}: the parquet file(s) at {src.path} hold no rows ({shown}); "
+                          "fix 'path' or remove the source")
     return parts
 
 
