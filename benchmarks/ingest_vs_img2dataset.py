@@ -66,12 +66,7 @@ def run_ours(folder: Path, out: Path, processes: int) -> float:
     describe.run(r, store, describe.collect_classes(r, store))
     for s, p in ingest.ingested_parts(store, r, "train"):
         pair.run_part(r, store, s, p)
-    plan = writer.plan(r, store)
-    for s, p in ingest.ingested_parts(store, r, "train"):
-        writer.route_part(r, store, plan, s, p)
-    for i in range(plan.n_shards):
-        writer.write_shard(r, store, plan, i)
-    writer.finalize(r, store, plan, {})
+    writer.write_all(r, store)
     return time.perf_counter() - t0
 
 

@@ -7,25 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
 
 import typer
-import yaml
-
+from .cli_util import load_recipe_or_exit, parse_sets
 from .recipe import RecipeError, load_recipe, recipe_json_schema
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ALive dataset factory: agriculture image-text data.")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _parse_sets(sets: list[str]) -> dict[str, Any]:
-    out = {}
-    for s in sets:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def _print_summary(result: dict) -> None:
@@ -56,12 +44,8 @@ def build(
 ) -> None:
     """Run the build-alive flow (every stage) for RECIPE into OUT."""
     _quiet_prefect()
-    overrides = _parse_sets(set_)
-    try:
-        load_recipe(recipe, overrides)  # fail fast, before starting Prefect
-    except RecipeError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    overrides = parse_sets(set_)
+    load_recipe_or_exit(recipe, overrides=overrides)  # fail fast, before starting Prefect
     from flows.build_alive import build_alive
 
     try:
@@ -101,11 +85,7 @@ def _class_names(r) -> list[str]:
 @app.command()
 def validate(recipe: Path) -> None:
     """Check a recipe; prints the problems (with the key and the file) or 'ok'."""
-    try:
-        r = load_recipe(recipe)
-    except RecipeError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    r = load_recipe_or_exit(recipe)
     typer.echo(f"ok: {r.name} ({len(r.sources)} sources, hash {r.sha})")
 
 

@@ -43,13 +43,8 @@ def small_run(tmp_path_factory):
     describe.run(r, store, describe.collect_classes(r, store))
     for s, p in ingest.ingested_parts(store, r, "train"):
         pair.run_part(r, store, s, p)
-    plan = writer.plan(r, store)
-    for s, p in ingest.ingested_parts(store, r, "train"):
-        writer.route_part(r, store, plan, s, p)
-    for i in range(plan.n_shards):
-        writer.write_shard(r, store, plan, i)
-    writer.finalize(r, store, plan, {"describe": "template"})
-    return r, store, plan
+    writer.write_all(r, store, {"describe": "template"})
+    return r, store, writer.load_plan(store)
 
 
 def test_counts_keys_and_sidecars_agree(small_run):

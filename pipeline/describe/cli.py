@@ -24,18 +24,14 @@ def describe_cmd(
     concurrency: Optional[int] = typer.Option(None, help="Override describe.concurrency."),
 ) -> None:
     """Describe every ingested class and print the stage summary (requests, tokens/s, cache, rejects)."""
-    from ..recipe import RecipeError, load_recipe
+    from ..cli_util import load_recipe_or_exit
     from ..store import RunStore
     from . import collect_classes, run, summary_lines
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {f"describe.{k}": v for k, v in (("backend", backend), ("base_url", base_url), ("model", model),
                                                 ("concurrency", concurrency)) if v is not None}
-    try:
-        r = load_recipe(recipe, overrides)
-    except RecipeError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    r = load_recipe_or_exit(recipe, overrides=overrides)
     store = RunStore(out)
     classes = collect_classes(r, store)
     if not classes:

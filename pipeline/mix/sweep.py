@@ -98,17 +98,9 @@ def share_store(store: RunStore, share: float) -> RunStore:
 
 def write_shards(recipe: Recipe, store: RunStore) -> dict:
     """The writer's steps in order (plan, route every train part, write every shard, finalize)."""
-    try:
-        from .. import ingest
-        from .. import write as writer
-    except ImportError as e:  # pragma: no cover - the writer ships with the package
-        raise SweepError(f"the shard writer (pipeline.write) is not importable: {e}") from e
-    plan = writer.plan(recipe, store)
-    for source, part in ingest.ingested_parts(store, recipe, role="train"):
-        writer.route_part(recipe, store, plan, source, part)
-    for shard in range(plan.n_shards):
-        writer.write_shard(recipe, store, plan, shard)
-    return writer.finalize(recipe, store, plan, {})
+    from .. import write as writer
+
+    return writer.write_all(recipe, store)
 
 
 def default_steps() -> tuple[Step, Step, Step]:

@@ -31,25 +31,12 @@ def run_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set score.min_score=0.3"),
 ) -> None:
     """Score every ingested part (train and eval) of a run, then apply the global filters."""
-    import yaml
-
+    from ..cli_util import load_recipe_or_exit
     from ..ingest import ingested_parts
-    from ..recipe import RecipeError, load_recipe
     from ..store import RunStore
     from .stage import finalize, load_summary, run_part, summary_rows
 
-    overrides = {}
-    for kv in set_:
-        if "=" not in kv:
-            typer.echo(f"--set expects KEY=VALUE, got {kv!r}", err=True)
-            raise typer.Exit(2)
-        k, v = kv.split("=", 1)
-        overrides[k] = yaml.safe_load(v)
-    try:
-        r = load_recipe(recipe, overrides)
-    except RecipeError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    r = load_recipe_or_exit(recipe, set_)
     store = RunStore(out)
     units = ingested_parts(store, r)
     if not units:

@@ -5,29 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-import yaml
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune a CLIP on a run's shards; zero-shot eval.")
 
 
 def _load(recipe: Path, out: Path, sets: list[str]):
-    from ..recipe import RecipeError, load_recipe
+    from ..cli_util import load_recipe_or_exit
     from ..store import RunStore
 
-    overrides: dict[str, Any] = {}
-    for s in sets:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set expects key=value, got {s!r}")
-        k, v = s.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
-    try:
-        r = load_recipe(recipe, overrides)
-    except RecipeError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+    r = load_recipe_or_exit(recipe, sets)
     if not out.is_dir():
         typer.echo(f"error: run folder {out} does not exist (build the dataset into it first: alive build)", err=True)
         raise typer.Exit(2)

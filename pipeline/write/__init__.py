@@ -177,6 +177,18 @@ def write_shard(recipe: Recipe, store: RunStore, plan: WritePlan, shard: int) ->
     return stats
 
 
+def write_all(recipe: Recipe, store: RunStore, models: dict[str, str] | None = None) -> dict:
+    """Every write step in order, in this process (the flow runs the same steps as mapped tasks)."""
+    from ..ingest import ingested_parts
+
+    plan_ = plan(recipe, store)
+    for source, part in ingested_parts(store, recipe, role="train"):
+        route_part(recipe, store, plan_, source, part)
+    for shard in range(plan_.n_shards):
+        write_shard(recipe, store, plan_, shard)
+    return finalize(recipe, store, plan_, models or {})
+
+
 def finalize(recipe: Recipe, store: RunStore, plan: WritePlan, models: dict[str, str]) -> dict:
     """sizes.json, dataset card, removal of shards left from a larger earlier run, spool cleanup."""
     from .card import write_card
