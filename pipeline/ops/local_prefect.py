@@ -340,6 +340,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"worker: pool {info['pool']}, pid {info.get('worker_pid')}; logs in {Path(info['server_log']).parent}")
             if info.get("profile"):
                 print(f"active Prefect profile: {info['profile']} (restored on stop)")
+                if os.environ.get("PREFECT_API_URL", info["api_url"]) != info["api_url"]:
+                    print(f"note: PREFECT_API_URL is set in this shell and wins over the profile; "
+                          f"export PREFECT_API_URL={info['api_url']} (or unset it)")
             else:
                 print(f"export PREFECT_API_URL={info['api_url']}")
             print("run:  prefect deployment run build-alive/demo --watch")
