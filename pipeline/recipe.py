@@ -346,16 +346,26 @@ class EvalConfig(_Model):
 
 
 class UploadConfig(_Model):
+    """Optional last step of a build: upload the Hugging Face layout to a Hub dataset repo (token: HF_TOKEN)."""
+
     enabled: bool = False
-    repo_id: Optional[str] = None
-    private: bool = True
-    include_webdataset: bool = False
+    repo_id: Optional[str] = Field(None, description="Dataset repo ORG/NAME (created if missing).")
+    private: bool = Field(True, description="Visibility of the repo when it is created.")
+    include_webdataset: bool = Field(False, description="Also upload the tar shards under webdataset/.")
+
+    @model_validator(mode="after")
+    def _repo_needed(self) -> "UploadConfig":
+        if self.enabled and not (self.repo_id and re.match(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$", self.repo_id)):
+            raise ValueError(f"upload.enabled needs upload.repo_id as ORG/NAME, got {self.repo_id!r}")
+        return self
 
 
 class RunnerConfig(_Model):
-    kind: Literal["local", "ray"] = "local"
-    address: Optional[str] = None
-    workers: int = Field(2, ge=1)
+    """Where the shard tasks run; never changes what is written (left out of the recipe hash)."""
+
+    kind: Literal["local", "ray"] = Field("local", description="local threads/processes, or prefect-ray's RayTaskRunner.")
+    address: Optional[str] = Field(None, description="Ray cluster ('ray://head:10001', 'auto'); None starts a local instance.")
+    workers: int = Field(2, ge=1, description="Task threads (local) or CPUs of a local Ray instance.")
 
 
 # Recipe blocks that change how a build runs, never what it writes (left out of Recipe.sha).
