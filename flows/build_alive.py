@@ -208,6 +208,7 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
     r = load_recipe(recipe, overrides)
     store = RunStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
+    store.sweep_temp()  # half-written temp files of a killed earlier run
     import yaml
 
     write_text_atomic(store.path("recipe.resolved.yaml"),

@@ -9,6 +9,7 @@ current recipe computes for it; anything else is redone.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 from .stats import StageStats
 
 PARQUET_KW = dict(compression="zstd", write_statistics=False)
+TEMP_GLOB = ".*.tmp"  # names atomic_path gives its temp files: .<dest name>.<random>.tmp
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -103,6 +106,22 @@ class RunStore:
     def parts(self, stage: str, source: str) -> list[Path]:
         d = self.path(stage, source)
         return sorted(d.glob("part-*.parquet")) if d.exists() else []
+
+    def sweep_temp(self) -> int:
+        """Remove the temp files of writes that a killed run never finished; returns how many.
+
+        A kill -9 between a temp file's creation and its rename leaves it behind (the destination is
+        untouched). Call only while no other process writes to this run folder: at the start of a build.
+        """
+        n = 0
+        if self.root.is_dir():
+            for p in sorted(self.root.rglob(TEMP_GLOB)):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+        if n:
+            log.info("removed %d temp file(s) left by an interrupted run in %s", n, self.root)
+        return n
 
     # ----- done markers -----
     def _marker(self, stage: str, unit: str) -> Path:
