@@ -501,7 +501,9 @@ def build(recipe: Recipe, store: RunStore) -> Path:
             return
         if res.get("description_note"):
             page.add(f"<p>{_e(res['description_note'])}</p>")
-        page.add(_table(res.get("rows") or res.get("mean") or []))
+        rows = res.get("rows") or res.get("mean") or []
+        lead = [c for c in ("task", "classifier", "model", "images", "classes") if rows and c in rows[0]]
+        page.add(_table(rows, lead + [c for c in (rows[0] if rows else []) if c not in lead]))
         png = store.path("eval", "zero_shot.png")
         if png.is_file():
             page.image("eval_zero_shot.png", png.read_bytes(), "zero-shot accuracy")
