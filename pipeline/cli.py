@@ -50,7 +50,7 @@ def build(
 
     try:
         result = build_alive(str(recipe), str(out), overrides or None, progress)
-    except (RecipeError, ValueError, FileNotFoundError) as e:
+    except (RecipeError, ValueError, OSError) as e:  # OSError: a full disk, an unwritable --out
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     _print_summary(result)

@@ -43,7 +43,8 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; on success fsync and rename it onto ``dest``.
 
-    On any error the temp file is removed and ``dest`` is left untouched (a full disk included).
+    On any error the temp file is removed and ``dest`` is left untouched (a full disk included). An
+    OSError that names no file (ENOSPC from a write does not) is re-raised naming ``dest``.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
         _fsync_dir(dest.parent)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.filename is not None:
+            raise
+        if e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(dest)) from e
+        raise OSError(f"{e} (writing {dest})") from e
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
