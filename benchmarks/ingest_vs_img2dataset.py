@@ -73,6 +73,7 @@ def run_ours(folder: Path, out: Path, processes: int) -> float:
 def run_img2dataset(paths: list[Path], out: Path, processes: int) -> float:
     from img2dataset import download
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     url_list = out.parent / "urls.txt"
     url_list.write_text("\n".join(f"file://{p}" for p in paths) + "\n")
     t0 = time.perf_counter()
