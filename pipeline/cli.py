@@ -63,23 +63,12 @@ def demo(
     progress: bool = typer.Option(True, help="Progress bars on stderr."),
 ) -> None:
     """Offline demo: build the tiny local models if missing, then build recipes/demo.yaml."""
-    from .tiny_models import build_tiny_clip
+    from .ops.demo_models import ensure_demo_models
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    r = load_recipe(recipe)
-    for m in {r.score.model, r.train.model}:
-        if m and not m.startswith(("openai/", "google/")) and "tiny" in m:
-            p = Path(m)  # relative model paths are relative to the working directory
-            typer.echo(f"tiny untrained CLIP at {p} (built locally if missing)")
-            build_tiny_clip(p, extra_text=_class_names(r))
+    for p in ensure_demo_models(load_recipe_or_exit(recipe)):
+        typer.echo(f"tiny untrained CLIP at {p} (built locally; relative paths are relative to the working directory)")
     build(recipe=recipe, out=out, set_=[], progress=progress)
-
-
-def _class_names(r) -> list[str]:
-    names = []
-    for s in r.sources:
-        names += list(getattr(s, "classes", []) or [])
-    return names
 
 
 @app.command()
