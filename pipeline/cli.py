@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 from .cli_util import load_recipe_or_exit, parse_sets
-from .recipe import RecipeError, load_recipe, recipe_json_schema
+from .recipe import RecipeError, recipe_json_schema
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ALive dataset factory: agriculture image-text data.")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
