@@ -15,7 +15,8 @@ def demo_run(tmp_path_factory, prefect_harness, tiny_clip_dir):
     from flows.build_alive import build_alive
 
     out = tmp_path_factory.mktemp("demo")
-    result = build_alive(str(ROOT / "recipes" / "demo.yaml"), str(out), {"score.model": str(tiny_clip_dir)}, False)
+    result = build_alive(str(ROOT / "recipes" / "demo.yaml"), str(out), {"score.model": str(tiny_clip_dir),
+                                                                     "train.model": str(tiny_clip_dir)}, False)
     return out, result
 
 
