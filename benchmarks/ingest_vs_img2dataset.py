@@ -29,10 +29,14 @@ def _make_one(args: tuple[Path, int]) -> None:
     rng = np.random.default_rng(i)
     w = int(rng.integers(1024, 2049))
     h = int(w * rng.choice([0.75, 0.667, 1.0, 1.333]))
-    # Photo-like: smooth low-frequency structure + mild sensor noise (not pure noise, not flat colour).
-    small = rng.integers(0, 255, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8)
-    im = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
-    arr = np.asarray(im, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
+    # Photo-like: smooth structure at two scales + mild sensor noise, saved as a camera would (q=90):
+    # 0.2-0.6 MB per image, like 2-4 MP phone photos (pure noise would be 3x larger than any photo).
+    coarse = rng.integers(0, 255, (h // 96 + 2, w // 96 + 2, 3), dtype=np.uint8)
+    fine = rng.integers(0, 255, (h // 12 + 2, w // 12 + 2, 3), dtype=np.uint8)
+    im = Image.blend(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC),
+                     Image.fromarray(fine).resize((w, h), Image.Resampling.BICUBIC), 0.3)
+    arr = np.asarray(im.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
+    arr = arr + rng.normal(0, 2.5, (h, w, 3)).astype(np.int16)
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=90)
 
 
@@ -87,7 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "alive-bench-photos")
+    ap.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "alive-bench-photos-v2")
     args = ap.parse_args()
     paths = make_images(args.images, args.n, args.processes)
     work = Path(tempfile.mkdtemp(prefix="alive-bench-"))

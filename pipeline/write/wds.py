@@ -37,7 +37,7 @@ def write_wds_shard(store: RunStore, rows: pa.Table, shard: int) -> None:
     with atomic_path(out / f"{name}.tar") as tmp:
         with open(tmp, "wb") as f:
             # Fixed owner/mode/mtime: the same rows give the same tar bytes.
-            with wds.TarWriter(f, user="alive", group="alive", mode=0o644, mtime=0.0, encoder=False) as sink:
+            with wds.TarWriter(f, user="alive", group="alive", mode=0o644, mtime=0, encoder=False) as sink:
                 for r in rows.to_pylist():
                     sink.write({"__key__": r["key"], "jpg": r["image"], "txt": r["caption"].encode("utf-8"),
                                 "json": sample_json(r)})
