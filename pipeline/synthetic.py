@@ -14,6 +14,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .describe.template import article
+
 _COLOURS = {
     "green": (60, 150, 60), "yellow": (220, 200, 40), "brown": (120, 75, 30), "red": (190, 40, 40),
     "orange": (230, 130, 30), "black": (25, 25, 25), "white": (235, 235, 235), "grey": (128, 128, 128),
@@ -107,14 +109,16 @@ def caption_for(class_name: str, class_index: int, domain: str, i: int, seed: in
     """An 'original' caption for a synthetic captioned (general-pool) image."""
     st = class_style(class_name, class_index)
     forms = [
-        "a {body} {cls} with {spot} {pattern}",
-        "photo of a {cls}, {body} with {spot} {pattern}",
-        "a {cls} on a plain background",
-        "close-up of a {body} {cls}",
+        "{a_body} {body}{cls} with {spot} {pattern}",
+        "photo of {a_cls} {cls}, {body}with {spot} {pattern}",
+        "{a_cls} {cls} on a plain background",
+        "close-up of {a_body} {body}{cls}",
     ]
     f = forms[_h(seed, class_name, i, "cap") % len(forms)]
     pattern = st["pattern"] if st["pattern"] != "plain" else "no markings"
-    return f.format(cls=class_name, body=st["body_name"], spot=st["spot_name"], pattern=pattern)
+    body = "" if st["body_name"] in class_name else st["body_name"] + " "  # no "orange orange flower"
+    return f.format(cls=class_name, body=body, spot=st["spot_name"], pattern=pattern,
+                    a_cls=article(class_name), a_body=article(body or class_name))
 
 
 def iter_synthetic(
