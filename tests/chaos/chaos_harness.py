@@ -7,7 +7,6 @@ kill hit is read from the run folder (done markers and files appear in stage ord
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -20,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -124,6 +121,30 @@ def run_build(recipe: Path, out: Path, env: dict[str, str], log: Path, timeout: 
     rc = b.wait(timeout)
     assert rc == 0, f"build into {out} exited {rc}:\n{b.output()[-4000:]}"
     return b
+
+
+def alive(*args: str) -> tuple[int, str]:
+    """Run the `alive` CLI in this process; returns (exit code, stdout + stderr).
+
+    An exception the CLI did not turn into a message is appended as ``UNCAUGHT <type>: <message>``.
+    """
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    text = res.output
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        text += f"\nUNCAUGHT {type(res.exception).__name__}: {res.exception}"
+    return res.exit_code, text
+
+
+def build(recipe: Path, out: Path, *sets: str) -> tuple[int, str]:
+    """`alive build` in this process (the flow talks to the session's Prefect server)."""
+    args = ["build", "--recipe", str(recipe), "--out", str(out), "--no-progress"]
+    for s in sets:
+        args += ["--set", s]
+    return alive(*args)
 
 
 # ----------------------------------------------------------------------------- stage observation

@@ -23,32 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
-from chaos_harness import (check_run, drill_recipe, readable_everywhere, record, results_path, shard_bytes,
+from chaos_harness import (build, check_run, drill_recipe, readable_everywhere, record, results_path, shard_bytes,
                            tar_members, temp_files)
 from hostile import write_hostile_folder
 
 pytestmark = pytest.mark.chaos
 MEMBER = re.compile(r"^[0-9]+\.(jpg|txt|json)$")
-
-
-def alive(*args: str):
-    """Run the `alive` CLI in process; returns (exit code, stdout + stderr)."""
-    from pipeline.cli import app
-
-    res = CliRunner().invoke(app, list(args))
-    text = res.output + (getattr(res, "stderr", "") if getattr(res, "stderr_bytes", None) else "")
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        text += f"\nUNCAUGHT {type(res.exception).__name__}: {res.exception}"
-    return res.exit_code, text
-
-
-def build(recipe: Path, out: Path, *sets: str):
-    args = ["build", "--recipe", str(recipe), "--out", str(out), "--no-progress"]
-    for s in sets:
-        args += ["--set", s]
-    return alive(*args)
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -96,6 +77,7 @@ def test_malformed_recipe_is_refused_naming_file_and_key(tmp_path, case):
         assert n in text, (n, text)
     assert "Traceback" not in text and "UNCAUGHT" not in text
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    record(results_path(), {"drill": "malformed_recipe", "case": case, "exit_code": code})
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -110,6 +92,7 @@ def test_unreadable_recipe_file_is_refused(tmp_path, content, needle):
         recipe.write_bytes(content if isinstance(content, bytes) else content.encode())
     code, text = build(recipe, tmp_path / "run")
     assert code == 2 and needle in text and str(recipe) in text, text
+    record(results_path(), {"drill": "malformed_recipe", "case": needle.replace(" ", "_"), "exit_code": code})
 
 
 # ----------------------------------------------------------------------------- broken sources

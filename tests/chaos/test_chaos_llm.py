@@ -17,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from chaos_harness import (PLANTED_VLLM, all_class_names, check_run, drill_recipe, record,
+from chaos_harness import (PLANTED_VLLM, all_class_names, build, check_run, drill_recipe, record,
                            results_path, temp_files)
 from llm_server import LLMServer
-from test_chaos_inputs import build
 
 pytestmark = pytest.mark.chaos
 FAULTS = ["500"] * 6 + ["429"] * 12 + ["slow"] * 3 + ["reset"] * 4 + ["malformed"] * 4
