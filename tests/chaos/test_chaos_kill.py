@@ -34,7 +34,7 @@ def _seed() -> int:
     return int(os.environ.get("ALIVE_CHAOS_SEED") or random.SystemRandom().randrange(1 << 30))
 
 
-def kill_chain(reference: dict, api_url: str, llm, targets: list[str], name: str, seed: int) -> list[dict]:
+def kill_chain(reference: dict, api_url: str, targets: list[str], name: str, seed: int) -> list[dict]:
     """Kill the build once per target stage (in pipeline order), then finish it; returns one row per kill."""
     rng = random.Random(f"{seed}/{name}")
     tmp = reference["tmp"]
@@ -78,7 +78,7 @@ def test_kill_three_random_stages_then_resume_is_byte_identical(reference, api_u
     """CI version: one chain, 3 kills in 3 distinct random stages."""
     seed = _seed()
     targets = random.Random(seed).sample(DRILL_STAGES, 3)
-    rows = kill_chain(reference, api_url, llm, targets, "ci-chain", seed)
+    rows = kill_chain(reference, api_url, targets, "ci-chain", seed)
     assert len(rows) == 3
 
 
@@ -90,8 +90,8 @@ def test_kill_ten_points_over_every_stage(reference, api_url, llm):
     rng = random.Random(seed)
     targets = list(DRILL_STAGES) + rng.choices(DRILL_STAGES, k=10 - len(DRILL_STAGES))
     rng.shuffle(targets)
-    rows = kill_chain(reference, api_url, llm, targets[:5], "chain-a", seed)
-    rows += kill_chain(reference, api_url, llm, targets[5:], "chain-b", seed)
+    rows = kill_chain(reference, api_url, targets[:5], "chain-a", seed)
+    rows += kill_chain(reference, api_url, targets[5:], "chain-b", seed)
     assert len(rows) == 10
     hit = {r["stage"] for r in rows}
     # a kill lands where the run is when the drawn delay ends; most land in their target stage
