@@ -59,6 +59,16 @@ def test_kill_mid_ingest_then_resume_is_byte_identical(tmp_path):
 
     again = _build(recipe, out)
     assert again.wait(timeout=600) == 0, again.stdout.read().decode()[-3000:]
-    assert _shards(out) == _shards(tmp_path / "clean")
+    got, want = _shards(out), _shards(tmp_path / "clean")
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if differ:
+        import difflib
+
+        detail = [f"differing files: {differ}"]
+        for k in differ:
+            if k.endswith((".md", ".json")) and k in got and k in want:
+                detail += difflib.unified_diff(want[k].decode().splitlines(), got[k].decode().splitlines(), "clean/" + k,
+                                               "resumed/" + k, lineterm="", n=1)
+        raise AssertionError("\n".join(detail))
     leftovers = [p for p in out.rglob("*.tmp")]
     assert not leftovers
