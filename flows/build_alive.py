@@ -7,11 +7,10 @@ whose done marker matches, so a re-run (or a retry) only redoes what is missing 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -21,7 +20,7 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from pipeline import describe, ingest, pair, selection
+from pipeline import describe, ingest, pair
 from pipeline import write as writer
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.runner import task_runner_scope
@@ -259,6 +258,13 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
 
     rows = _stage_summary(stats)
     _table_artifact("stage-summary", rows, f"Stage summary of {r.name} ({store.root})")
+    _table_artifact("describe-summary", stats["describe"].summary_rows(),
+                    f"Describe ({models['describe']}): requests, tokens/s, cache hits, rejects")
+    if r.score.enabled:
+        from pipeline.score import load_summary, summary_rows
+
+        _table_artifact("score-summary", summary_rows(load_summary(store)),
+                        f"Score/filter decisions per source ({r.score.model})")
     write_json_atomic(store.path("summary.json"), {
         "recipe": r.name, "recipe_hash": r.sha, "models": models,
         "stages": {k: v.to_dict() for k, v in stats.items()}, "shards": summary,
@@ -274,7 +280,15 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
                                      include_webdataset=r.upload.include_webdataset)
     _run_artifacts(r, store, summary, index, uploaded)
     return {"out": str(store.root), "stages": rows, "shards": summary.get("n_shards"),
-            "samples": summary.get("n_samples"), "models": models}
+            "samples": summary.get("n_samples"), "models": models,
+            "describe_summary": describe.summary_lines(stats["describe"]) if r.describe.backend != "template" else [],
+            "mix_table": _mix_table(store) if r.mix.enabled else None}
+
+
+def _mix_table(store: RunStore) -> Optional[str]:
+    from pipeline.mix import format_table, load_report, table_rows
+
+    return format_table(table_rows(load_report(store)))
 
 
 if __name__ == "__main__":

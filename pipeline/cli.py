@@ -22,6 +22,10 @@ def _print_summary(result: dict) -> None:
     typer.echo(f"{'stage':<10}{'total':>9}{'kept':>9}{'dropped':>9}  {'seconds':>8}  reasons")
     for r in rows:
         typer.echo(f"{r['stage']:<10}{r['total']:>9}{r['kept']:>9}{r['dropped']:>9}  {r['seconds']:>8}  {r['reasons']}")
+    for line in result.get("describe_summary") or []:
+        typer.echo(f"describe: {line}")
+    if result.get("mix_table"):
+        typer.echo("mix (target vs realised share per bucket):\n" + result["mix_table"])
     typer.echo(f"shards: {result.get('shards')}  samples: {result.get('samples')}")
     for k, v in (result.get("models") or {}).items():
         typer.echo(f"model[{k}]: {v}")
