@@ -107,6 +107,20 @@ SHARD_META = pa.schema(
     ]
 )
 
+# score/embeddings/metadata/metadata_N.parquet: clip-retrieval's metadata layout, rows aligned with the .npy files.
+EMBEDDING_METADATA = pa.schema(
+    [
+        pa.field("image_path", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("uid", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("domain", pa.string()),
+        pa.field("class_name", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("clip_score", pa.float32()),
+    ]
+)
+
 IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 HF_ROWS = pa.schema([pa.field("image", IMAGE_STRUCT)] + [f for f in SHARD_META if f.name not in ("status", "error_message")])
 
@@ -130,6 +144,7 @@ ALL: dict[str, pa.Schema] = {
     "shard_meta": SHARD_META,
     "hf_rows": HF_ROWS,
     "excluded": EXCLUDED,
+    "embedding_metadata": EMBEDDING_METADATA,
 }
 
 

@@ -18,24 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..store import RunStore, write_bytes_atomic, write_parquet_atomic
+from ..tables import EMBEDDING_METADATA
 
 TRAIN_DIR = ("score", "embeddings")
 EVAL_DIR = ("score", "eval_embeddings")
 N_WIDTH = 8
 PARTS_PER_SOURCE = 100_000
 
-METADATA = pa.schema(
-    [
-        pa.field("image_path", pa.string()),
-        pa.field("caption", pa.string()),
-        pa.field("uid", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("domain", pa.string()),
-        pa.field("class_name", pa.string()),
-        pa.field("sha256", pa.string()),
-        pa.field("clip_score", pa.float32()),
-    ]
-)
+METADATA = EMBEDDING_METADATA  # clip-retrieval's metadata_N.parquet (+ our ids)
 
 
 def part_number(source_index: int, part_index: int) -> str:
