@@ -280,10 +280,10 @@ def test_markdown_and_table_artifacts(built):
 
     with get_client(sync_client=True) as c:
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["build-report", "mix-report"])))
-    by_key = {a.key: a for a in arts}
-    md = by_key["build-report"].data
-    assert (built["out"] / "report" / "index.html").as_uri() in md and REPO in md
-    assert by_key["mix-report"].type == "table"
+    # Other builds of the test session report to the same server: find this run's artifact.
+    uri = (built["out"] / "report" / "index.html").as_uri()
+    assert any(uri in a.data and REPO in a.data for a in arts if a.key == "build-report")
+    assert any(a.type == "table" for a in arts if a.key == "mix-report")
 
 
 # ----------------------------------------------------------------------------- ray
