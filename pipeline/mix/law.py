@@ -220,6 +220,16 @@ def _num(cell: str, path: Path, line: int, col: str) -> Optional[float]:
     return v
 
 
+
+def _add_value(name: str, v: Optional[float], share: float, base: dict, pts: dict) -> None:
+    """One metric value of a results row: a base-model reference ('base_<domain>') or a (share, value) point."""
+    if v is None:
+        return
+    if name.startswith("base_"):
+        base.setdefault(name.removeprefix("base_"), []).append(v)
+    else:
+        pts.setdefault(name, []).append((share, v))
+
 def read_results(path: str | Path) -> Results:
     """Read a results CSV (wide or long, see the module docstring).
 
@@ -252,24 +262,12 @@ def read_results(path: str | Path) -> Results:
             dom = (row.get("domain") or "").strip()
             if not dom:
                 raise ResultsError(f"{path}:{i}: empty 'domain'")
-            v = _num(row.get(value_col, ""), path, i, value_col)
-            if v is None:
-                continue
-            if dom.startswith("base_"):
-                base.setdefault(dom.removeprefix("base_"), []).append(v)
-            else:
-                pts.setdefault(dom, []).append((r, v))
+            _add_value(dom, _num(row.get(value_col, ""), path, i, value_col), r, base, pts)
             continue
         for col in header:
             if col == share_col or col.startswith("realised_") or col in ("run", "note", "notes"):
                 continue
-            v = _num(row.get(col, ""), path, i, col)
-            if v is None:
-                continue
-            if col.startswith("base_"):
-                base.setdefault(col.removeprefix("base_"), []).append(v)
-            else:
-                pts.setdefault(col, []).append((r, v))
+            _add_value(col, _num(row.get(col, ""), path, i, col), r, base, pts)
     if not pts:
         raise ResultsError(f"{path}: no metric values; add one column per eval domain (wide) or "
                            "domain + metric columns (long)")
