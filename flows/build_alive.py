@@ -1,7 +1,8 @@
-"""The `build-alive` Prefect flow: every stage as tasks mapped over shards (never over samples).
+"""The `build-alive` Prefect flow: the pipeline's stages, each unit a task (units are shards, never samples).
 
-No data logic lives here: each task calls one library function in ``pipeline/``, which skips units
-whose done marker matches, so a re-run (or a retry) only redoes what is missing or changed.
+No data logic and no resume logic live here: the flow drives :func:`pipeline.executor.drive` over
+:data:`pipeline.stages.STAGES` with a mapper that submits each pending unit as a Prefect task (on
+the local runner or on Ray), so a re-run (or a retry) only redoes what is missing or changed.
 """
 
 from __future__ import annotations
@@ -20,16 +21,28 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from pipeline import describe, ingest, pair
-from pipeline import write as writer
+from pipeline import describe, layout
+from pipeline.executor import Executor, PlannedUnit, Stage, StagePlan, drive, is_transient
+from pipeline.provenance import models_used
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.runner import task_runner_scope
-from pipeline.stats import StageStats, merge_all
-from pipeline.store import RunStore, write_json_atomic, write_text_atomic
+from pipeline.stats import StageStats
+from pipeline.store import RunStore, write_text_atomic
 
-TRANSIENT = dict(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
 _POOL: Optional[ProcessPoolExecutor] = None
 _POOL_SIZE = 0
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only for errors a retry can fix (see pipeline.executor.is_transient)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable state is not worth a retry
+        return False
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+TRANSIENT = dict(retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE, retry_condition_fn=_transient)
 
 
 def _pool(n: int) -> ProcessPoolExecutor:
@@ -43,70 +56,44 @@ def _pool(n: int) -> ProcessPoolExecutor:
     return _POOL
 
 
-def _in_process_pool(recipe: Recipe) -> bool:
-    """Local runs decode in a process pool; on Ray every task already runs in its own worker process."""
-    return recipe.runner.kind == "local"
+def _run_unit(recipe: Recipe, out: str, stage: str, planned: PlannedUnit) -> StageStats:
+    return Executor(recipe, RunStore(out)).run_unit(stage, planned)
 
 
-# ----------------------------- tasks (one per stage per shard) -----------------------------
-@task(name="ingest-part", **TRANSIENT)
-def ingest_task(recipe: Recipe, out: str, part) -> StageStats:
-    store = RunStore(out)
-    if _in_process_pool(recipe):
-        return _pool(recipe.ingest.processes).submit(ingest.run_part, recipe, store, part).result()
-    return ingest.run_part(recipe, store, part)
+def _run_prepared(recipe: Recipe, out: str, stage: str, item: Any) -> Any:
+    ex = Executor(recipe, RunStore(out))
+    return ex.stage(stage).run_prepared(recipe, ex.store, item)
 
 
-@task(name="describe-classes", **TRANSIENT)
-def describe_task(recipe: Recipe, out: str) -> StageStats:
-    store = RunStore(out)
-    return describe.run(recipe, store, describe.collect_classes(recipe, store))
+# ----------------------------- tasks: one generic unit task, named per stage -----------------------------
+@task(name="unit", **TRANSIENT)
+def unit_task(recipe: Recipe, out: str, stage: str, planned: PlannedUnit, cpu_bound: bool) -> StageStats:
+    # Local runs decode in a process pool; on Ray every task already runs in its own worker process.
+    if cpu_bound and recipe.runner.kind == "local":
+        return _pool(recipe.ingest.processes).submit(_run_unit, recipe, out, stage, planned).result()
+    return _run_unit(recipe, out, stage, planned)
 
 
-@task(name="pair-part", **TRANSIENT)
-def pair_task(recipe: Recipe, out: str, source: str, part_path: str) -> StageStats:
-    return pair.run_part(recipe, RunStore(out), source, Path(part_path))
+@task(name="prepare", **TRANSIENT)
+def prepare_task(recipe: Recipe, out: str, stage: str, item: Any) -> Any:
+    return _run_prepared(recipe, out, stage, item)
 
 
-@task(name="score-part", **TRANSIENT)
-def score_task(recipe: Recipe, out: str, source: str, part_path: str) -> StageStats:
-    from pipeline import score
+def prefect_mapper(recipe: Recipe, out: str, progress: bool):
+    """Map a stage's units (or its scratch items) over Prefect tasks, with progress."""
+    def run(stage: Stage, kind: str, items: list[Any]) -> list[Any]:
+        if not items:
+            return []
+        if kind == "prepare":
+            t = prepare_task.with_options(name=f"{stage.name}-prepare")
+            futures = [t.submit(recipe, out, stage.name, it) for it in items]
+        else:
+            t = unit_task.with_options(name=f"{stage.name}-unit")
+            futures = [t.with_options(task_run_name=f"{stage.name}:{pu.name}").submit(
+                recipe, out, stage.name, pu, stage.cpu_bound) for pu in items]
+        return _gather(futures, f"{stage.name}" if kind == "unit" else f"{stage.name} ({kind})", progress)
 
-    return score.run_part(recipe, RunStore(out), source, Path(part_path))
-
-
-@task(name="score-finalize", **TRANSIENT)
-def score_finalize_task(recipe: Recipe, out: str) -> StageStats:
-    from pipeline import score
-
-    return score.finalize(recipe, RunStore(out))
-
-
-@task(name="mix", **TRANSIENT)
-def mix_task(recipe: Recipe, out: str) -> StageStats:
-    from pipeline import mix
-
-    return mix.run(recipe, RunStore(out))
-
-
-@task(name="write-plan", **TRANSIENT)
-def write_plan_task(recipe: Recipe, out: str) -> writer.WritePlan:
-    return writer.plan(recipe, RunStore(out))
-
-
-@task(name="write-route-part", **TRANSIENT)
-def route_task(recipe: Recipe, out: str, plan: writer.WritePlan, source: str, part_path: str) -> int:
-    return writer.route_part(recipe, RunStore(out), plan, source, Path(part_path))
-
-
-@task(name="write-shard", **TRANSIENT)
-def shard_task(recipe: Recipe, out: str, plan: writer.WritePlan, shard: int) -> StageStats:
-    return writer.write_shard(recipe, RunStore(out), plan, shard)
-
-
-@task(name="write-finalize", **TRANSIENT)
-def write_finalize_task(recipe: Recipe, out: str, plan: writer.WritePlan, models: dict) -> dict:
-    return writer.finalize(recipe, RunStore(out), plan, models)
+    return run
 
 
 # ----------------------------- helpers -----------------------------
@@ -146,21 +133,12 @@ def _table_artifact(key: str, rows: list[dict], description: str) -> None:
         logging.getLogger(__name__).debug("table artifact %s not created: %s", key, e)
 
 
-def models_used(recipe: Recipe) -> dict[str, str]:
-    d = recipe.describe
-    out = {"describe": "template baseline (no LLM)" if d.backend == "template" else f"{d.backend}: {d.model}"}
-    if recipe.score.enabled:
-        out["score"] = recipe.score.model
-    for m in (recipe.score.model if recipe.score.enabled else None, d.model, recipe.train.model):
-        if m and Path(m).is_dir() and (Path(m) / "alive_tiny.json").exists():
-            out["untrained"] = "yes"
-    return out
-
-
-def _stage_summary(stats: dict[str, StageStats]) -> list[dict[str, Any]]:
+def _stage_summary(stats: dict[str, StageStats], plans: dict[str, StagePlan]) -> list[dict[str, Any]]:
     rows = []
-    for s in stats.values():
-        rows.append({"stage": s.stage, "total": s.total, "kept": s.kept, "dropped": s.n_dropped,
+    for name, s in stats.items():
+        p = plans[name]
+        rows.append({"stage": name, "units": len(p.units), "run": len(p.pending), "skipped": len(p.skipped),
+                     "total": s.total, "kept": s.kept, "dropped": s.n_dropped,
                      "reasons": ", ".join(f"{k}={v}" for k, v in sorted(s.dropped.items())),
                      "seconds": round(s.seconds, 2)})
     return rows
@@ -170,13 +148,13 @@ def _run_artifacts(r: Recipe, store: RunStore, summary: dict, index: Path, uploa
     """Table artifacts of the mix report and the eval table, and a markdown artifact linking the report."""
     import json
 
-    mix_report = store.path("mix", "mix_report.json")
+    mix_report = store.path(layout.MIX_REPORT)
     if mix_report.exists():
         from pipeline.mix.report import table_rows
 
         _table_artifact("mix-report", table_rows(json.loads(mix_report.read_text())),
                         f"Mix of {r.name}: target vs realised share per bucket")
-    results = store.path("eval", "results.json")
+    results = store.path(layout.EVAL_RESULTS)
     if results.exists():
         _table_artifact("eval-zero-shot", json.loads(results.read_text()).get("rows") or [],
                         f"Zero-shot accuracy on the eval sources of {r.name}")
@@ -210,53 +188,24 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
     store.sweep_temp()  # half-written temp files of a killed earlier run
     import yaml
 
-    write_text_atomic(store.path("recipe.resolved.yaml"),
+    write_text_atomic(store.path(layout.RECIPE),
                       f"# recipe hash: {r.sha}\n" + yaml.safe_dump(r.model_dump(mode="json"), sort_keys=False))
-    stats: dict[str, StageStats] = {}
     out_s = str(store.root)
+
+    def on_stage(name: str, plan: StagePlan) -> None:
+        logger.info("%s: %d units, %d to run, %d done%s", name, len(plan.units), len(plan.pending),
+                    len(plan.skipped), f", {plan.pruned} removed" if plan.pruned else "")
 
     # shard tasks run where the recipe says (local threads/processes, or Ray): same bytes either way
     with task_runner_scope(r.runner):
-        # ingest: one task per part of every source
-        parts = ingest.plan(r, store)
-        ingest.prune(r, store, parts)
-        logger.info("ingest: %d parts over %d sources", len(parts), len(r.sources))
-        stats["ingest"] = merge_all("ingest", _gather([ingest_task.submit(r, out_s, p) for p in parts], "ingest", progress))
+        reports = drive(Executor(r, store), mapper=prefect_mapper(r, out_s, progress), on_stage=on_stage)
+    stats = {k: v.stats for k, v in reports.items()}
+    plans = {k: v.plan for k, v in reports.items()}
+    models = models_used(r)
+    from pipeline import write as writer
 
-        # describe: class-level (the LLM client inside is concurrent)
-        stats["describe"] = describe_task(r, out_s)
-
-        # pair: train parts only (eval sources never reach the shards)
-        train_parts = ingest.ingested_parts(store, r, role="train")
-        stats["pair"] = merge_all("pair", _gather(
-            [pair_task.submit(r, out_s, s, str(p)) for s, p in train_parts], "pair", progress))
-
-        if r.score.enabled:
-            all_parts = ingest.ingested_parts(store, r)
-            stats["score"] = merge_all("score", _gather(
-                [score_task.submit(r, out_s, s, str(p)) for s, p in all_parts], "score", progress))
-            stats["filter"] = score_finalize_task(r, out_s)
-
-        if r.mix.enabled:
-            stats["mix"] = mix_task(r, out_s)
-
-        plan = write_plan_task(r, out_s)
-        _gather([route_task.submit(r, out_s, plan, s, str(p)) for s, p in train_parts], "route", progress)
-        stats["write"] = merge_all("write", _gather(
-            [shard_task.submit(r, out_s, plan, i) for i in range(plan.n_shards)], "write", progress))
-        models = models_used(r)
-        summary = write_finalize_task(r, out_s, plan, models)
-
-    if r.train.enabled:
-        from pipeline.train import train as trainer
-
-        summary["train"] = task(name="train", **TRANSIENT)(trainer.run)(r, store)
-    if r.eval.enabled:
-        from pipeline.train import evaluate
-
-        summary["eval"] = task(name="eval", **TRANSIENT)(evaluate.run)(r, store)
-
-    rows = _stage_summary(stats)
+    summary = writer.summary(store)
+    rows = _stage_summary(stats, plans)
     _table_artifact("stage-summary", rows, f"Stage summary of {r.name} ({store.root})")
     _table_artifact("describe-summary", stats["describe"].summary_rows(),
                     f"Describe ({models['describe']}): requests, tokens/s, cache hits, rejects")
@@ -265,13 +214,7 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
 
         _table_artifact("score-summary", summary_rows(load_summary(store)),
                         f"Score/filter decisions per source ({r.score.model})")
-    write_json_atomic(store.path("summary.json"), {
-        "recipe": r.name, "recipe_hash": r.sha, "models": models,
-        "stages": {k: v.to_dict() for k, v in stats.items()}, "shards": summary,
-    })
-    from pipeline import report
-
-    index = report.build(r, store)
+    index = store.path(layout.REPORT_INDEX)
     uploaded = None
     if r.upload.enabled:
         from pipeline import upload

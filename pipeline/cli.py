@@ -19,9 +19,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def _print_summary(result: dict) -> None:
     rows = result.get("stages", [])
     typer.echo(f"\nrun folder: {result['out']}")
-    typer.echo(f"{'stage':<10}{'total':>9}{'kept':>9}{'dropped':>9}  {'seconds':>8}  reasons")
+    typer.echo(f"{'stage':<12}{'units':>7}{'run':>6}{'total':>9}{'kept':>9}{'dropped':>9}  {'seconds':>8}  reasons")
     for r in rows:
-        typer.echo(f"{r['stage']:<10}{r['total']:>9}{r['kept']:>9}{r['dropped']:>9}  {r['seconds']:>8}  {r['reasons']}")
+        typer.echo(f"{r['stage']:<12}{r['units']:>7}{r['run']:>6}{r['total']:>9}{r['kept']:>9}{r['dropped']:>9}  "
+                   f"{r['seconds']:>8}  {r['reasons']}")
     for line in result.get("describe_summary") or []:
         typer.echo(f"describe: {line}")
     if result.get("mix_table"):
@@ -52,9 +53,11 @@ def build(
     load_recipe_or_exit(recipe, overrides=overrides)  # fail fast, before starting Prefect
     from flows.build_alive import build_alive
 
+    from .describe.llm import DescribeError
+
     try:
         result = build_alive(str(recipe), str(out), overrides or None, progress)
-    except (RecipeError, ValueError, OSError) as e:  # OSError: a full disk, an unwritable --out
+    except (RecipeError, ValueError, OSError, DescribeError) as e:  # OSError: a full disk, an unwritable --out
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     _print_summary(result)

@@ -16,9 +16,11 @@ import pyarrow as pa
 from . import sources
 from .images import STATUS_OK, process_image
 from .labels import clean_class_name
-from .recipe import Recipe, Source, fingerprint
+from . import layout
+from .executor import Stage, Unit, UnitContext
+from .recipe import Recipe, Source
 from .stats import StageStats
-from .store import RunStore, write_parquet_atomic
+from .store import RunStore
 from .tables import INGEST
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,10 @@ def _utf8_safe(text: Optional[str]) -> Optional[str]:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def part_fingerprint(recipe: Recipe, part: sources.PartSpec) -> str:
-    return fingerprint(CODE_VERSION, part.fingerprint, recipe.image_size, recipe.ingest.jpeg_quality,
-                       recipe.ingest.max_image_pixels)
-
-
 def plan(recipe: Recipe, store: RunStore, names: Optional[Iterable[str]] = None) -> list[sources.PartSpec]:
     """List the parts of every source (or of ``names``). Raises SourceError for a source that cannot be read."""
     parts: list[sources.PartSpec] = []
-    spool = store.path(STAGE, "_raw")
+    spool = store.path(layout.INGEST_SPOOL)
     for src in recipe.sources:
         if names is not None and src.name not in names:
             continue
@@ -120,44 +117,35 @@ def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: 
     return pa.table(cols, schema=INGEST), stats
 
 
-def run_part(recipe: Recipe, store: RunStore, part: sources.PartSpec) -> StageStats:
-    """Ingest one part unless its done marker matches; returns the part's stats."""
-    unit = f"{part.source}/part-{part.part:05d}"
-    fp = part_fingerprint(recipe, part)
-    if store.is_done(STAGE, unit, fp):
-        return store.read_unit_stats(STAGE, unit)
-    src = recipe.source(part.source)
-    stats = StageStats(STAGE)
-    with stats.timer():
-        table, s = process_part(src, part, recipe.image_size, recipe.ingest.jpeg_quality, recipe.ingest.max_image_pixels)
-        write_parquet_atomic(store.part_path(STAGE, part.source, part.part), table)
-    stats = s.merge(stats)  # s has the counts, stats the time
-    store.write_unit_stats(stats, unit)
-    store.mark_done(STAGE, unit, fp, rows=table.num_rows)
-    return stats
+class IngestStage(Stage):
+    """One unit per part of every source; the part's reader spec and the decode settings are its config."""
+
+    name = STAGE
+    cpu_bound = True
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        ing = recipe.ingest
+        return [Unit(layout.source_unit(p.source, p.part), payload=p,
+                     config={"part": [CODE_VERSION, p.fingerprint, recipe.image_size, ing.jpeg_quality,
+                                      ing.max_image_pixels]})
+                for p in plan(recipe, store)]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        part: sources.PartSpec = unit.payload
+        r = ctx.recipe
+        table, stats = process_part(r.source(part.source), part, r.image_size, r.ingest.jpeg_quality,
+                                    r.ingest.max_image_pixels)
+        ctx.stats = ctx.stats.merge(stats)
+        ctx.write_parquet(layout.ingest_part(part.source, part.part), table)
+        ctx.info["rows"] = table.num_rows
 
 
-
-def prune(recipe: Recipe, store: RunStore, parts: list[sources.PartSpec]) -> None:
-    """Remove parts (and their stats/markers) left over from an earlier, larger version of a source."""
-    keep = {(p.source, p.part) for p in parts}
-    root = store.path(STAGE)
-    if not root.exists():
-        return
-    for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith("_")):
-        for f in sorted(d.glob("part-*.parquet")):
-            idx = int(f.stem.split("-")[1])
-            if (d.name, idx) not in keep:
-                f.unlink()
-                unit = f"{d.name}/part-{idx:05d}"
-                store.path("done", STAGE, unit + ".json").unlink(missing_ok=True)
-                store.path("stats", STAGE, unit.replace("/", "__") + ".json").unlink(missing_ok=True)
-
-
-def ingested_parts(store: RunStore, recipe: Recipe, role: Optional[str] = None) -> list[tuple[str, Path]]:
-    """(source, part path) of every ingested part, in recipe order."""
+def ingested_parts(store: RunStore, recipe: Recipe, role: Optional[str] = None) -> list[tuple[str, int]]:
+    """(source, part index) of every ingested part of the recipe's sources (or of ``role``), in recipe order."""
     out = []
     for src in recipe.sources:
         if role is None or src.role == role:
-            out += [(src.name, p) for p in store.parts(STAGE, src.name)]
+            d = store.path(layout.INGEST, src.name)
+            if d.is_dir():
+                out += [(src.name, layout.part_index(p.name)) for p in sorted(d.glob("part-*.parquet"))]
     return out

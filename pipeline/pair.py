@@ -7,16 +7,16 @@ kept descriptions, deterministically from (seed, uid), so the scoring stage can 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import describe
-from .recipe import Recipe, fingerprint
+from . import describe, layout
+from .executor import Stage, Unit, UnitContext
+from .recipe import Recipe
 from .stats import StageStats
-from .store import RunStore, write_parquet_atomic
+from .store import RunStore
 from .tables import EXCLUDED, PAIRS
 
 STAGE = "pair"
@@ -84,22 +84,28 @@ def pair_table(ingest: pa.Table, descriptions: dict[tuple[str, str], list[str]],
     return pairs, pa.table(ex, schema=EXCLUDED), stats
 
 
-def run_part(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> StageStats:
-    unit = f"{source}/{part_path.stem}"
-    cfg = recipe.describe
-    fp = fingerprint(store.done_fingerprint("ingest", unit), store.done_fingerprint("describe", "all"),
-                     recipe.seed, cfg.captions_per_image)
-    if store.is_done(STAGE, unit, fp):
-        return store.read_unit_stats(STAGE, unit)
-    stats = StageStats(STAGE)
-    with stats.timer():
-        ingest = pq.read_table(part_path, columns=["uid", "source", "domain", "class_name", "caption", "status"])
-        pairs, excluded, s = pair_table(ingest, describe.load_kept(store), cfg.captions_per_image, recipe.seed,
-                                        llm=cfg.backend != "template")
-        write_parquet_atomic(store.path(STAGE, source, part_path.name), pairs)
-        write_parquet_atomic(store.path("excluded", STAGE, source, part_path.name), excluded)
-    stats = s.merge(stats)  # s has the counts, stats the time
-    store.write_unit_stats(stats, unit)
-    store.mark_done(STAGE, unit, fp, rows=pairs.num_rows)
-    return stats
+class PairStage(Stage):
+    """One unit per ingest part of a train source (eval sources never reach the shards)."""
 
+    name = STAGE
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        from .ingest import ingested_parts
+
+        cfg = recipe.describe
+        config = {"pair": [recipe.seed, cfg.captions_per_image, cfg.backend != "template"]}
+        return [Unit(layout.source_unit(s, i), config=config, payload=(s, i),
+                     inputs=(layout.ingest_part(s, i), layout.DESCRIPTIONS))
+                for s, i in ingested_parts(store, recipe, role="train")]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        source, i = unit.payload
+        cfg = ctx.recipe.describe
+        ingest = pq.read_table(ctx.path(layout.ingest_part(source, i)),
+                               columns=["uid", "source", "domain", "class_name", "caption", "status"])
+        pairs, excluded, stats = pair_table(ingest, describe.load_kept(ctx.store), cfg.captions_per_image,
+                                            ctx.recipe.seed, llm=cfg.backend != "template")
+        ctx.stats = ctx.stats.merge(stats)
+        ctx.write_parquet(layout.pair_part(source, i), pairs)
+        ctx.exclude(excluded)
+        ctx.info["rows"] = pairs.num_rows

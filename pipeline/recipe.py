@@ -331,6 +331,8 @@ class EvalConfig(_Model):
     base_model: Optional[str] = Field(
         None, description="Model to compare against; None = train.model (or the random init of train.from_config)."
     )
+    models: Optional[dict[str, str]] = Field(
+        None, description="Name -> hub id or folder of the models to evaluate; None = base and fine-tuned.")
     batch_size: int = Field(64, ge=1)
     max_per_task: Optional[int] = Field(None, ge=1, description="Evaluate at most this many images per source.")
     device: str = "auto"

@@ -30,13 +30,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import layout
+from .executor import Stage, Unit, UnitContext
 from .recipe import Recipe, RecipeError, parse_recipe
 from .stats import StageStats
 from .store import RunStore, write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("ingest", "describe", "pair", "score", "filter", "mix", "write", "train", "eval")
+STAGE = "report"
+REPORT_VERSION = "report-v1"
+STAGE_ORDER = ("ingest", "describe", "pair", "score", "filter", "mix", "write-plan", "write", "write-index", "train",
+               "eval")
 MAX_CLASS_BARS = 40
 GRID_SAMPLES = 16
 DPI = 100
@@ -52,7 +57,7 @@ def run_recipe(store: RunStore) -> Recipe:
     """
     import yaml
 
-    p = store.path("recipe.resolved.yaml")
+    p = store.path(layout.RECIPE)
     if not p.is_file():
         raise RecipeError(f"{p}: not found; is {store.root} a run folder (alive build --out ...)?")
     try:
@@ -68,9 +73,9 @@ def _read_json(p: Path) -> Optional[dict]:
 
 def stage_stats(store: RunStore) -> dict[str, StageStats]:
     """Every stage's stats summed over its units, in pipeline order (stages without stats left out)."""
-    d = store.path("stats")
+    d = store.path(layout.STATS)
     names = sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
-    ordered = [s for s in STAGE_ORDER if s in names] + [s for s in names if s not in STAGE_ORDER]
+    ordered = [s for s in STAGE_ORDER if s in names]
     return {s: store.read_stats(s) for s in ordered}
 
 
@@ -96,8 +101,8 @@ def class_counts(recipe: Recipe, store: RunStore) -> dict[str, Counter]:
     if meta.num_rows:
         out["before filtering"] = _counts(meta)
     kept: Optional[pa.Table] = None
-    wsel = store.path("write", "selection.parquet")
-    ssel = selection.scores_path(store)
+    wsel = store.path(layout.WRITE_SELECTION)
+    ssel = store.path(layout.SELECTION)
     if wsel.is_file():
         kept = pq.read_table(wsel, columns=["uid", "domain", "class_name"])
     elif ssel.is_file() and meta.num_rows:
@@ -105,7 +110,7 @@ def class_counts(recipe: Recipe, store: RunStore) -> dict[str, Counter]:
         kept = s.filter(s["keep"]).join(meta.select(["uid", "domain", "class_name"]), "uid", join_type="inner")
     if kept is not None:
         out["after filtering"] = _counts(kept)
-    order = store.path("write", "order.parquet")
+    order = store.path(layout.WRITE_ORDER)
     if order.is_file() and kept is not None:
         o = pq.read_table(order, columns=["uid"])
         out["after mixing"] = _counts(o.join(kept.select(["uid", "domain", "class_name"]), "uid", join_type="inner"))
@@ -116,7 +121,7 @@ def scores_by_domain(recipe: Recipe, store: RunStore) -> dict[str, dict[str, np.
     """domain -> {"kept": scores, "dropped": scores} of the scored train samples (empty when not scored)."""
     from . import selection
 
-    p = selection.scores_path(store)
+    p = store.path(layout.SELECTION)
     if not p.is_file():
         return {}
     s = pq.read_table(p, columns=["uid", "clip_score", "keep"])
@@ -143,13 +148,23 @@ class Sample:
     key: str
 
 
+def samples_files(store: RunStore) -> list[Path]:
+    """The shard file :func:`samples` reads: the first HF parquet shard, else the first tar."""
+    for folder, pattern in ((layout.HF_DATA, "train-*.parquet"), (layout.WDS, "*.tar")):
+        d = store.path(folder)
+        found = sorted(d.glob(pattern)) if d.is_dir() else []
+        if found:
+            return found[:1]
+    return []
+
+
 def samples(store: RunStore, n: int = GRID_SAMPLES) -> list[Sample]:
     """Up to ``n`` samples spread evenly over the first row group of the first shard.
 
     The Hugging Face parquet shards are read when present (one row group, not the whole shard); the
     first webdataset tar otherwise.
     """
-    hf = sorted(store.path("shards", "hf", "data").glob("train-*.parquet")) if store.path("shards", "hf", "data").is_dir() else []
+    hf = sorted(store.path(layout.HF_DATA).glob("train-*.parquet")) if store.path(layout.HF_DATA).is_dir() else []
     if hf:
         pf = pq.ParquetFile(hf[0])
         if pf.metadata.num_row_groups == 0:
@@ -162,7 +177,7 @@ def samples(store: RunStore, n: int = GRID_SAMPLES) -> list[Sample]:
         rows = t.take(pa.array(idx, pa.int64())).to_pylist()
         return [Sample(r["image"]["bytes"], r["caption"], r["clip_score"], r["domain"], r["class_name"], r["key"])
                 for r in rows]
-    tars = sorted(store.path("shards", "wds").glob("*.tar")) if store.path("shards", "wds").is_dir() else []
+    tars = sorted(store.path(layout.WDS).glob("*.tar")) if store.path(layout.WDS).is_dir() else []
     if not tars:
         return []
     members: dict[str, dict[str, bytes]] = {}
@@ -398,6 +413,54 @@ class _Page:
 
 
 def build(recipe: Recipe, store: RunStore) -> Path:
+    """Run the report stage (skipped when what it reads is unchanged); returns the path of index.html."""
+    from .executor import run_stages
+
+    run_stages(recipe, store, [STAGE])
+    return store.path(layout.REPORT_INDEX)
+
+
+# Files the report reads (besides the stats files of every stage): its inputs when present.
+_READS = (layout.WRITE_PLAN, layout.WRITE_ORDER, layout.WRITE_SELECTION, layout.SELECTION, layout.SCORE_SUMMARY,
+          layout.MIX_REPORT, layout.EVAL_RESULTS, layout.EVAL_PLOT, layout.SIZES)
+
+
+class ReportStage(Stage):
+    """One unit: report/index.html and its PNGs from the run folder's summary, tables and shards."""
+
+    name = STAGE
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        inputs = [rel for rel in _READS if store.path(rel).is_file()]
+        stats_dir = store.path(layout.STATS)
+        inputs += sorted(p.relative_to(store.root).as_posix() for name in STAGE_ORDER
+                         for p in (stats_dir / name).glob("*.json"))
+        inputs += sorted(p.relative_to(store.root).as_posix() for p in samples_files(store))
+        ingest = store.path(layout.INGEST)
+        if ingest.is_dir():
+            inputs += sorted(p.relative_to(store.root).as_posix() for p in ingest.glob("*/part-*.parquet"))
+        return [Unit("all", inputs=tuple(inputs), config={"report": [REPORT_VERSION, recipe.sha]})]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        ctx.write_json(layout.SUMMARY, run_summary(ctx.recipe, ctx.store))
+        for rel in render(ctx.recipe, ctx.store):
+            ctx.record(rel)
+
+
+def run_summary(recipe: Recipe, store: RunStore) -> dict[str, Any]:
+    """summary.json: recipe, models, every stage's stats summed over its units, shard counts."""
+    from .provenance import models_used
+
+    out: dict[str, Any] = {"recipe": recipe.name, "recipe_hash": recipe.sha, "models": models_used(recipe),
+                           "stages": {k: v.to_dict() for k, v in stage_stats(store).items()}}
+    if store.path(layout.WRITE_PLAN).is_file():
+        from .write import summary
+
+        out["shards"] = summary(store)
+    return out
+
+
+def render(recipe: Recipe, store: RunStore) -> list[str]:
     """Write ``report/index.html`` and its PNGs for the run in ``store``.
 
     Args:
@@ -405,10 +468,10 @@ def build(recipe: Recipe, store: RunStore) -> Path:
         store: the run folder.
 
     Returns:
-        Path of ``index.html``.
+        The layout names of the files written (index.html last).
     """
     page = _Page()
-    summary = _read_json(store.path("summary.json")) or {}
+    summary = _read_json(store.path(layout.SUMMARY)) or {}
     stats = stage_stats(store)
     models = summary.get("models") or {}
     shards = summary.get("shards") or {}
@@ -476,7 +539,7 @@ def build(recipe: Recipe, store: RunStore) -> Path:
         page.add(_table(rows))
 
     def mix() -> None:
-        rep = _read_json(store.path("mix", "mix_report.json"))
+        rep = _read_json(store.path(layout.MIX_REPORT))
         if rep is None:
             page.add("<p class='note'>Not mixed (mix stage disabled or not run): every kept sample appears once.</p>")
             return
@@ -495,7 +558,7 @@ def build(recipe: Recipe, store: RunStore) -> Path:
                           "caption": s.caption} for s in items]))
 
     def evaluation() -> None:
-        res = _read_json(store.path("eval", "results.json"))
+        res = _read_json(store.path(layout.EVAL_RESULTS))
         if res is None:
             page.add("<p class='note'>Not evaluated (eval stage disabled or not run).</p>")
             return
@@ -504,7 +567,7 @@ def build(recipe: Recipe, store: RunStore) -> Path:
         rows = res.get("rows") or res.get("mean") or []
         lead = [c for c in ("task", "classifier", "model", "images", "classes") if rows and c in rows[0]]
         page.add(_table(rows, lead + [c for c in (rows[0] if rows else []) if c not in lead]))
-        png = store.path("eval", "zero_shot.png")
+        png = store.path(layout.EVAL_PLOT)
         if png.is_file():
             page.image("eval_zero_shot.png", png.read_bytes(), "zero-shot accuracy")
 
@@ -515,20 +578,22 @@ def build(recipe: Recipe, store: RunStore) -> Path:
     page.section("Samples", grid)
     page.section("Zero-shot evaluation", evaluation)
 
-    out_dir = store.path("report")
+    out_dir = store.path(layout.REPORT)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.png"):
         if stale.name not in page.images:
             stale.unlink()
+    written = []
     for name, png in page.images.items():
         write_bytes_atomic(out_dir / name, png)
+        written.append(f"{layout.REPORT}/{name}")
     doc = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
            f"<title>{_e(recipe.name)} report</title><style>{_CSS}</style></head><body>"
            + "\n".join(page.parts) + "</body></html>\n")
-    index = out_dir / "index.html"
+    index = store.path(layout.REPORT_INDEX)
     write_text_atomic(index, doc)
     log.info("report written to %s", index)
-    return index
+    return written + [layout.REPORT_INDEX]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -552,4 +617,4 @@ def register_cli(app: Any) -> None:
         typer.echo(f"report: {build(r, store)}")
 
 
-__all__ = ["build", "run_recipe", "stage_stats", "class_counts", "scores_by_domain", "samples", "register_cli"]
+__all__ = ["ReportStage", "build", "render", "run_recipe", "stage_stats", "class_counts", "scores_by_domain", "samples", "register_cli"]

@@ -18,6 +18,8 @@ class StageStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     counters: Counter = field(default_factory=Counter)  # free-form extras (requests, cache_hits, tokens_out...)
+    # Levels, not counts (tokens_per_s, cache_hit_rate, feasible): merging keeps the later unit's value.
+    gauges: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     examples: dict[str, str] = field(default_factory=dict)  # first message seen per drop reason
 
@@ -28,6 +30,9 @@ class StageStats:
 
     def add(self, name: str, value: float = 1) -> None:
         self.counters[name] += value
+
+    def gauge(self, name: str, value: float) -> None:
+        self.gauges[name] = value
 
     @contextmanager
     def timer(self) -> Iterator[None]:
@@ -48,6 +53,7 @@ class StageStats:
         out.dropped = self.dropped + other.dropped
         out.counters = Counter(self.counters)
         out.counters.update(other.counters)
+        out.gauges = {**self.gauges, **other.gauges}
         out.seconds = self.seconds + other.seconds
         out.examples = {**other.examples, **self.examples}
         return out
@@ -59,6 +65,7 @@ class StageStats:
             "kept": self.kept,
             "dropped": dict(sorted(self.dropped.items())),
             "counters": dict(sorted(self.counters.items())),
+            "gauges": dict(sorted(self.gauges.items())),
             "seconds": round(self.seconds, 4),
             "examples": dict(sorted(self.examples.items())),
         }
@@ -71,6 +78,7 @@ class StageStats:
             kept=d.get("kept", 0),
             dropped=Counter(d.get("dropped", {})),
             counters=Counter(d.get("counters", {})),
+            gauges=dict(d.get("gauges", {})),
             seconds=d.get("seconds", 0.0),
             examples=dict(d.get("examples", {})),
         )
@@ -81,6 +89,7 @@ class StageStats:
                 {"stage": self.stage, "metric": "kept", "value": self.kept}]
         rows += [{"stage": self.stage, "metric": f"dropped_{k}", "value": v} for k, v in sorted(self.dropped.items())]
         rows += [{"stage": self.stage, "metric": k, "value": v} for k, v in sorted(self.counters.items())]
+        rows += [{"stage": self.stage, "metric": k, "value": v} for k, v in sorted(self.gauges.items())]
         rows.append({"stage": self.stage, "metric": "seconds", "value": round(self.seconds, 2)})
         return rows
 

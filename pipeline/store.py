@@ -1,9 +1,8 @@
-"""Run store: one folder per run, atomic writes, per-shard done markers with input fingerprints.
+"""Run store: one folder per run, atomic writes, and a guard that keeps every path inside it.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a killed
-run leaves either the old file or the new one, never half of one. A unit of work (a shard of a
-stage) is done when its marker ``done/<stage>/<unit>.json`` exists *and* records the fingerprint the
-current recipe computes for it; anything else is redone.
+run leaves either the old file or the new one, never half of one. Names inside the folder come
+from :mod:`pipeline.layout`; what is done and what reruns is :mod:`pipeline.executor`'s business.
 """
 
 from __future__ import annotations
@@ -97,23 +96,13 @@ class RunStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
 
-    # ----- layout -----
     def path(self, *parts: str) -> Path:
+        """Absolute path of a run-store name (pipeline.layout) or of path parts; never outside the run."""
         p = (self.root.joinpath(*parts)).resolve()
         # Names come from recipes and labels: never let one escape the run folder.
         if p != self.root and self.root not in p.parents:
             raise ValueError(f"path {p} escapes the run folder {self.root}")
         return p
-
-    def stage_dir(self, stage: str) -> Path:
-        return self.path(stage)
-
-    def part_path(self, stage: str, source: str, part: int, ext: str = "parquet") -> Path:
-        return self.path(stage, source, f"part-{part:05d}.{ext}")
-
-    def parts(self, stage: str, source: str) -> list[Path]:
-        d = self.path(stage, source)
-        return sorted(d.glob("part-*.parquet")) if d.exists() else []
 
     def sweep_temp(self) -> int:
         """Remove the temp files of writes that a killed run never finished; returns how many.
@@ -131,58 +120,8 @@ class RunStore:
             log.info("removed %d temp file(s) left by an interrupted run in %s", n, self.root)
         return n
 
-    # ----- done markers -----
-    def _marker(self, stage: str, unit: str) -> Path:
-        return self.path("done", stage, f"{unit}.json")
-
-    def is_done(self, stage: str, unit: str, fingerprint: str) -> bool:
-        m = self._marker(stage, unit)
-        if not m.exists():
-            return False
-        try:
-            return json.loads(m.read_text()).get("fingerprint") == fingerprint
-        except (OSError, json.JSONDecodeError):
-            return False
-
-    def done_fingerprint(self, stage: str, unit: str) -> Optional[str]:
-        """Fingerprint recorded by a finished unit (used to chain stage fingerprints), or None."""
-        m = self._marker(stage, unit)
-        try:
-            return json.loads(m.read_text()).get("fingerprint")
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def mark_done(self, stage: str, unit: str, fingerprint: str, **info: Any) -> None:
-        write_json_atomic(self._marker(stage, unit), {"fingerprint": fingerprint, **info})
-
-    def clear_done(self, stage: str) -> None:
-        d = self.path("done", stage)
-        if d.exists():
-            for p in d.rglob("*.json"):
-                p.unlink()
-
-    # ----- stats -----
-    def write_stats(self, stats: StageStats, unit: str) -> None:
-        write_json_atomic(self.path("stats", stats.stage, f"{unit}.json"), stats.to_dict())
-
     def read_stats(self, stage: str) -> StageStats:
+        """A stage's stats summed over the stats files its units wrote (stats/<stage>/*.json)."""
         from .stats import load_stage_stats
 
         return load_stage_stats(self.path("stats"), stage)
-
-    def read_unit_stats(self, stage: str, unit: str) -> StageStats:
-        """Stats written by one finished unit ('source/part-00001'), or empty stats."""
-        p = self.path("stats", stage, unit.replace("/", "__") + ".json")
-        try:
-            return StageStats.from_dict(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            return StageStats(stage)
-
-    def write_unit_stats(self, stats: StageStats, unit: str) -> None:
-        self.write_stats(stats, unit.replace("/", "__"))
-
-    def clear_stats(self, stage: str, prefix: str = "") -> None:
-        d = self.path("stats", stage)
-        if d.exists():
-            for p in d.glob(f"{prefix}*.json"):
-                p.unlink()

@@ -7,28 +7,31 @@ rows of the DESCRIPTIONS table. The ``template`` backend is the hand-written CLI
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..recipe import Recipe, fingerprint
+from .. import layout
+from ..executor import Stage, Unit, UnitContext
+from ..recipe import DescribeConfig, Recipe
 from ..stats import StageStats
-from ..store import RunStore, write_parquet_atomic
+from ..store import RunStore
 from ..tables import DESCRIPTIONS
+from .classes import ClassInfo
 
 log = logging.getLogger(__name__)
 STAGE = "describe"
+UNIT = "all"
+__all__ = ["STAGE", "ClassInfo", "DescribeStage", "collect_classes", "describe_classes", "failed_classes",
+           "load_kept", "make_backend", "summary_lines"]
 
 
-@dataclass(frozen=True, order=True)
-class ClassInfo:
-    domain: str
-    class_name: str
-    context: Optional[str] = None
+def _ingest_files(recipe: Recipe, store: RunStore) -> list[str]:
+    from ..ingest import ingested_parts
+
+    return [layout.ingest_part(s, i) for s, i in ingested_parts(store, recipe)]
 
 
 def collect_classes(recipe: Recipe, store: RunStore) -> list[ClassInfo]:
@@ -36,30 +39,19 @@ def collect_classes(recipe: Recipe, store: RunStore) -> list[ClassInfo]:
     from ..ingest import ingested_parts
 
     found: set[ClassInfo] = set()
-    for source, path in ingested_parts(store, recipe):
+    for source, i in ingested_parts(store, recipe):
         src = recipe.source(source)
-        t = pq.read_table(path, columns=["class_name", "status"])
+        t = pq.read_table(store.path(layout.ingest_part(source, i)), columns=["class_name", "status"])
         t = t.filter(pc.and_(pc.equal(t["status"], "success"), pc.is_valid(t["class_name"])))
         for name in pc.unique(t["class_name"]).to_pylist():
             found.add(ClassInfo(src.domain, name, src.context))
     return sorted(found, key=lambda c: (c.domain, c.class_name, c.context or ""))
 
 
-def descriptions_path(store: RunStore):
-    return store.path(STAGE, "descriptions.parquet")
-
-
-def run(recipe: Recipe, store: RunStore, classes: list[ClassInfo]) -> StageStats:
-    """Describe every class with the recipe's backend; skipped when inputs + config are unchanged.
-
-    Writes ``describe/descriptions.parquet`` (every sentence with its keep/reject decision) and the
-    stage stats. A class whose requests kept failing is recorded with ``reject_reason=request_failed:
-    ...``; the stage then is *not* marked done, so the next run asks again for exactly those samples
-    (everything answered is in the request cache), and the failure is logged loudly at the end.
-    """
+def make_backend(cfg: DescribeConfig, store: RunStore):
+    """The backend ``cfg.backend`` names (template, openai, transformers)."""
     from .template import TemplateBackend
 
-    cfg = recipe.describe
     backends = {"template": TemplateBackend}
     try:
         from .llm import LLM_BACKENDS  # openai / transformers backends
@@ -69,14 +61,19 @@ def run(recipe: Recipe, store: RunStore, classes: list[ClassInfo]) -> StageStats
         pass
     if cfg.backend not in backends:
         raise ValueError(f"describe.backend {cfg.backend!r} is not available (have {sorted(backends)})")
-    backend = backends[cfg.backend](cfg, store)
-    fp = fingerprint(cfg, backend.version(), [c.__dict__ for c in classes])
-    out = descriptions_path(store)
-    if store.is_done(STAGE, "all", fp) and out.exists():
-        return store.read_stats(STAGE)
-    stats = StageStats(STAGE)
-    with stats.timer():
-        table = backend.describe(classes, stats)
+    return backends[cfg.backend](cfg, store)
+
+
+def describe_classes(cfg: DescribeConfig, store: RunStore, classes: list[ClassInfo], stats: StageStats) -> pa.Table:
+    """Describe ``classes`` with the backend ``cfg`` names; the DESCRIPTIONS table, sorted, with ``stats`` filled.
+
+    A class whose requests kept failing is in the table with ``reject_reason=request_failed: ...``.
+
+    Raises:
+        RuntimeError: every class failed and nothing was kept (nothing is worth writing).
+    """
+    backend = make_backend(cfg, store)
+    table = backend.describe(classes, stats)
     table = table.cast(DESCRIPTIONS).sort_by([("domain", "ascending"), ("class_name", "ascending"),
                                                ("question_id", "ascending"), ("sample_index", "ascending")])
     stats.total += table.num_rows
@@ -88,18 +85,47 @@ def run(recipe: Recipe, store: RunStore, classes: list[ClassInfo]) -> StageStats
     if classes and len(failed) == len(classes) and stats.kept == 0:
         reasons = sorted({r for rs in failed.values() for r in rs})
         raise RuntimeError(f"describe: every class failed ({len(classes)}); nothing written. Reasons: {reasons[:3]}")
-    write_parquet_atomic(out, table)
-    store.clear_stats(STAGE)
-    store.write_stats(stats, "all")
-    if failed:
-        names = ", ".join(f"{d}/{c}" for d, c in sorted(failed)[:20]) + (" ..." if len(failed) > 20 else "")
-        example = next(iter(sorted(failed.items())))[1][0]
-        log.error("describe: %d of %d classes FAILED (some of their requests kept failing, e.g. %r): %s. "
-                  "Their missing samples are recorded as request_failed; the other classes are complete. "
-                  "Re-run the stage to retry only what is missing.", len(failed), len(classes), example, names)
-    else:
-        store.mark_done(STAGE, "all", fp, rows=table.num_rows)
-    return stats
+    return table
+
+
+# Client-side knobs that do not change what is generated (requests are cached by content), and
+# captions_per_image, which is the pair stage's.
+RUN_ONLY = {"concurrency", "timeout", "max_retries", "backoff_base", "backoff_max", "api_key_env", "device",
+            "batch_size", "captions_per_image"}
+
+
+class DescribeStage(Stage):
+    """One unit over every ingested class (the LLM client inside is concurrent and caches each request).
+
+    Its inputs are the ingest parts (the classes come from them); its config the describe block, the
+    backend's version (model, prompt shas, post-processing) and the class list. A run where some
+    classes failed writes what it has and stays incomplete: the next run asks again for exactly
+    the missing samples, and pair reruns whenever the set of described classes changes.
+    """
+
+    name = STAGE
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        classes = collect_classes(recipe, store)
+        version = make_backend(recipe.describe, store).version()
+        return [Unit(UNIT, payload=classes, inputs=tuple(_ingest_files(recipe, store)),
+                     config={"describe": [recipe.describe.model_dump(mode="json", exclude=RUN_ONLY), version,
+                                          [c.__dict__ for c in classes]]})]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        classes: list[ClassInfo] = unit.payload
+        table = describe_classes(ctx.recipe.describe, ctx.store, classes, ctx.stats)
+        ctx.write_parquet(layout.DESCRIPTIONS, table)
+        failed = failed_classes(table)
+        ctx.info["classes"] = len(classes)
+        ctx.info["failed_classes"] = sorted(f"{d}/{c}" for d, c in failed)
+        if failed:
+            names = ", ".join(f"{d}/{c}" for d, c in sorted(failed)[:20]) + (" ..." if len(failed) > 20 else "")
+            example = next(iter(sorted(failed.items())))[1][0]
+            log.error("describe: %d of %d classes FAILED (some of their requests kept failing, e.g. %r): %s. "
+                      "Their missing samples are recorded as request_failed; the other classes are complete. "
+                      "Re-run the stage to retry only what is missing.", len(failed), len(classes), example, names)
+            ctx.mark_incomplete(f"{len(failed)} of {len(classes)} classes failed")
 
 
 FAILED_PREFIXES = ("request_failed", "generation_failed")
@@ -131,7 +157,7 @@ def _reason_counts(table: pa.Table) -> dict[str, tuple[int, str]]:
 
 def summary_lines(stats: StageStats) -> list[str]:
     """Human-readable stage summary: requests, tokens, throughput, cache, failures, kept/rejected."""
-    c = stats.counters
+    c = {**stats.counters, **stats.gauges}
     lines = [
         f"classes {int(c.get('classes', 0))}, samples {int(c.get('samples', 0))}, "
         f"cache hits {int(c.get('cache_hits', 0))} ({100 * float(c.get('cache_hit_rate', 0)):.1f}%)",
@@ -149,7 +175,7 @@ def summary_lines(stats: StageStats) -> list[str]:
 
 def load_kept(store: RunStore) -> dict[tuple[str, str], list[str]]:
     """(domain, class_name) -> kept sentences in table order (read once per file version; do not mutate)."""
-    p = descriptions_path(store)
+    p = store.path(layout.DESCRIPTIONS)
     st = p.stat()
     return _load_kept(str(p), st.st_mtime_ns, st.st_size)
 

@@ -25,8 +25,9 @@ def describe_cmd(
 ) -> None:
     """Describe every ingested class and print the stage summary (requests, tokens/s, cache, rejects)."""
     from ..cli_util import load_recipe_or_exit
+    from ..executor import run_stages
     from ..store import RunStore
-    from . import collect_classes, run, summary_lines
+    from . import STAGE, collect_classes, summary_lines
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {f"describe.{k}": v for k, v in (("backend", backend), ("base_url", base_url), ("model", model),
@@ -37,7 +38,7 @@ def describe_cmd(
     if not classes:
         typer.echo(f"no ingested labeled classes under {store.root}; run ingest first", err=True)
         raise typer.Exit(2)
-    stats = run(r, store, classes)
+    stats = run_stages(r, store, [STAGE])[STAGE].stats
     for line in summary_lines(stats):
         typer.echo(line)
     if stats.counters.get("failed_classes"):

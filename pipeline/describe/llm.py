@@ -26,11 +26,12 @@ from typing import Any, Optional
 import httpx
 import pyarrow as pa
 
+from .. import layout
 from ..recipe import DescribeConfig
 from ..stats import StageStats
 from ..store import RunStore
 from ..tables import DESCRIPTIONS
-from . import ClassInfo
+from .classes import ClassInfo
 from .cache import RequestCache, request_key
 from .postprocess import NON_VISUAL_TERMS, PostProcessor, TokenCounter
 from .prompts import Prompt, PromptSet, load_prompt_sets
@@ -156,7 +157,7 @@ class LLMBackend:
 
     def describe(self, classes: list[ClassInfo], stats: StageStats) -> pa.Table:
         items = self.plan(classes)
-        cache_path = self.store.path("describe", "cache.sqlite") if self.cfg.cache else None
+        cache_path = self.store.path(layout.DESCRIBE_CACHE) if self.cfg.cache else None
         cache = RequestCache(cache_path)
         res = Results()
         try:
@@ -172,7 +173,7 @@ class LLMBackend:
             stats.add("classes", len(classes))
             stats.add("samples", len(all_keys))
             stats.add("cache_hits", len(found))
-            stats.counters["cache_hit_rate"] = round(len(found) / len(all_keys), 4) if all_keys else 0.0
+            stats.gauge("cache_hit_rate", round(len(found) / len(all_keys), 4) if all_keys else 0.0)
             log.info("describe[%s]: %d classes, %d questions, %d samples (%d cached, %d to generate)",
                      self.name, len(classes), len(items), len(all_keys), len(found), len(all_keys) - len(found))
             t0 = time.perf_counter()
@@ -184,7 +185,7 @@ class LLMBackend:
         for k, v in res.counters.items():
             stats.add(k, v)
         stats.counters["generation_seconds"] = round(gen_s, 3)
-        stats.counters["tokens_per_s"] = round(res.counters["tokens_out"] / gen_s, 1) if gen_s > 0 else 0.0
+        stats.gauge("tokens_per_s", round(res.counters["tokens_out"] / gen_s, 1) if gen_s > 0 else 0.0)
         return self.rows(items, res)
 
     def class_rows(self, items: list[WorkItem], idxs: list[int], res: Results) -> list[tuple]:

@@ -48,11 +48,15 @@ _EPS = 1e-9
 
 
 class MixInfeasibleError(ValueError):
-    """Targets the pool cannot meet with ``on_infeasible: error``; ``report`` says what is possible."""
+    """Targets the pool cannot meet with ``on_infeasible: error``.
 
-    def __init__(self, message: str, report: dict[str, Any]):
+    ``result`` holds the plan without draws; the mix stage adds ``report`` (what is possible) from it.
+    """
+
+    def __init__(self, message: str, result: "MixResult"):
         super().__init__(message)
-        self.report = report
+        self.result = result
+        self.report: dict[str, Any] = {}
 
 
 @dataclass
@@ -563,11 +567,9 @@ def mix(table: pa.Table, cfg: MixConfig, seed: int) -> MixResult:
     pool = encode(table, cfg)
     pool, pl = plan(pool, cfg)
     if not pl.feasible and cfg.on_infeasible == "error":
-        from .report import build_report
-
-        rep = build_report(MixResult(pool, pl, cfg, np.zeros(pool.n_rows, np.int32)), cfg, seed)
         reasons = "; ".join(u["reason"] for u in pl.unmet)
-        raise MixInfeasibleError(f"mix targets cannot be met (on_infeasible: error): {reasons}", rep)
+        raise MixInfeasibleError(f"mix targets cannot be met (on_infeasible: error): {reasons}",
+                                 MixResult(pool, pl, cfg, np.zeros(pool.n_rows, np.int32)))
     repeats = sample_repeats(pool, pl.class_rows, seed) if pool.n_rows else np.zeros(0, np.int32)
     return MixResult(pool, pl, cfg, repeats)
 

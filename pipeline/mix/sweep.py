@@ -20,13 +20,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from .. import layout
 from ..recipe import Recipe
 from ..store import RunStore, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 # Outputs that depend on the mix: never shared between share folders.
-DOWNSTREAM = frozenset({"mix", "write", "shards", "train", "eval", "report", "mixing_law", "upload"})
+DOWNSTREAM = frozenset({"mix", "write", "write-plan", "write-index", "shards", "train", "eval", "report",
+                        "mixing_law", "upload", "summary.json"})
 BOOKKEEPING = ("done", "stats", "excluded")
 
 Step = Callable[[Recipe, RunStore], Any]
@@ -71,7 +73,7 @@ def _link_tree(src: Path, dst: Path) -> int:
 
 def share_store(store: RunStore, share: float) -> RunStore:
     """The run folder of one share, with the parent's upstream outputs linked in."""
-    child = RunStore(store.path("mixing_law", f"share-{share:.4f}"))
+    child = RunStore(store.path(layout.MIXING_LAW, f"share-{share:.4f}"))
     child.root.mkdir(parents=True, exist_ok=True)
     n = 0
     for entry in sorted(store.root.iterdir()):
@@ -161,8 +163,8 @@ def sweep(recipe: Recipe, store: RunStore, shares: Sequence[float], results_csv:
         The CSV path: columns general_share, realised_general_share, one per eval domain (fine-tuned
         model) and base_<domain> (base model).
     """
-    from .stage import load_report
-    from .stage import run as mix_run
+    from ..executor import run_stages
+    from .stage import STAGE, load_report
 
     bad = [s for s in shares if not 0 <= s <= 1]
     if bad:
@@ -170,12 +172,12 @@ def sweep(recipe: Recipe, store: RunStore, shares: Sequence[float], results_csv:
     if not any(s.role == "eval" for s in recipe.sources):
         raise SweepError("mixing-law sweep needs at least one source with role: eval (the metrics come from it)")
     run_steps = list(steps) if steps is not None else list(default_steps())
-    results_csv = results_csv or store.path("mixing_law", "results.csv")
+    results_csv = results_csv or store.path(layout.MIXING_LAW, "results.csv")
     rows: list[dict[str, Any]] = []
     for share in sorted(set(float(s) for s in shares)):
         r_recipe = share_recipe(recipe, share)
         child = share_store(store, share)
-        mix_run(r_recipe, child)
+        run_stages(r_recipe, child, [STAGE])
         rep = load_report(child)
         realised = sum(b["realised_share"] for b in rep["buckets"] if b["domain"] == "general")
         out: Any = None

@@ -31,27 +31,28 @@ def run_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set score.min_score=0.3"),
 ) -> None:
     """Score every ingested part (train and eval) of a run, then apply the global filters."""
+    from .. import layout
     from ..cli_util import load_recipe_or_exit
+    from ..executor import run_stages
     from ..ingest import ingested_parts
     from ..store import RunStore
-    from .stage import finalize, load_summary, run_part, summary_rows
+    from .stage import FINAL_STAGE, STAGE, load_summary, summary_rows
 
     r = load_recipe_or_exit(recipe, set_)
     store = RunStore(out)
-    units = ingested_parts(store, r)
-    if not units:
-        typer.echo(f"error: no ingest parts under {store.path('ingest')}: run the earlier stages first", err=True)
+    if not ingested_parts(store, r):
+        typer.echo(f"error: no ingest parts under {store.path(layout.INGEST)}: run the earlier stages first", err=True)
         raise typer.Exit(1)
     try:
-        for source, part in units:
-            st = run_part(r, store, source, part)
-            typer.echo(f"{source}/{part.stem}: {st.kept}/{st.total} kept, {dict(st.dropped)}", err=True)
-        fin = finalize(r, store)
+        reports = run_stages(r, store, [STAGE, FINAL_STAGE])
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    for pu in reports[STAGE].plan.units:
+        typer.echo(f"{pu.name}: {'scored' if pu.pending else 'unchanged'}", err=True)
+    fin = reports[FINAL_STAGE].stats
     typer.echo(_table(summary_rows(load_summary(store))))
-    typer.echo(f"kept {fin.kept} of {fin.total} pairs; selection at {store.path('score', 'selection.parquet')}")
+    typer.echo(f"kept {fin.kept} of {fin.total} pairs; selection at {store.path(layout.SELECTION)}")
 
 
 @app.command("summary")

@@ -17,11 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .. import layout
 from ..store import RunStore, write_bytes_atomic, write_parquet_atomic
 from ..tables import EMBEDDING_METADATA
 
-TRAIN_DIR = ("score", "embeddings")
-EVAL_DIR = ("score", "eval_embeddings")
 N_WIDTH = 8
 PARTS_PER_SOURCE = 100_000
 
@@ -36,13 +35,11 @@ def part_number(source_index: int, part_index: int) -> str:
 
 
 def folder(store: RunStore, role: str) -> Path:
-    return store.path(*(TRAIN_DIR if role == "train" else EVAL_DIR))
+    return store.path(layout.EMBEDDINGS[role])
 
 
 def paths(store: RunStore, role: str, n: str) -> dict[str, Path]:
-    root = folder(store, role)
-    return {"img": root / "img_emb" / f"img_emb_{n}.npy", "text": root / "text_emb" / f"text_emb_{n}.npy",
-            "meta": root / "metadata" / f"metadata_{n}.parquet"}
+    return {k: store.path(rel) for k, rel in layout.embedding_files(role, n).items()}
 
 
 def _npy_bytes(x: np.ndarray) -> bytes:
@@ -52,16 +49,22 @@ def _npy_bytes(x: np.ndarray) -> bytes:
 
 
 def write_part(store: RunStore, role: str, n: str, img: np.ndarray, meta: pa.Table,
-               text: Optional[np.ndarray] = None) -> None:
-    """Write one part's files atomically (each file; the caller's done marker makes the set atomic)."""
+               text: Optional[np.ndarray] = None) -> list[str]:
+    """Write one part's files atomically (each file; the caller's done marker makes the set atomic).
+
+    Returns:
+        The layout names of the files written.
+    """
     if meta.num_rows != img.shape[0] or (text is not None and text.shape[0] != img.shape[0]):
         raise ValueError(f"embedding part {n}: {img.shape[0]} image rows, {meta.num_rows} metadata rows, "
                          f"{None if text is None else text.shape[0]} text rows")
+    rel = layout.embedding_files(role, n)
     p = paths(store, role, n)
     write_bytes_atomic(p["img"], _npy_bytes(img.astype(np.float16)))
     if text is not None:
         write_bytes_atomic(p["text"], _npy_bytes(text.astype(np.float16)))
     write_parquet_atomic(p["meta"], meta.cast(METADATA))
+    return [rel["img"], rel["meta"]] + ([rel["text"]] if text is not None else [])
 
 
 def read_part(store: RunStore, role: str, n: str) -> tuple[np.ndarray, pa.Table]:
@@ -71,19 +74,3 @@ def read_part(store: RunStore, role: str, n: str) -> tuple[np.ndarray, pa.Table]
         if not p[k].exists():
             raise FileNotFoundError(f"{p[k]} is missing: re-run the score stage for this part")
     return np.load(p["img"]), pq.read_table(p["meta"])
-
-
-def prune(store: RunStore, role: str, keep: set[str]) -> int:
-    """Remove embedding files whose N is not in ``keep`` (parts that no longer exist); returns the count."""
-    root = folder(store, role)
-    removed = 0
-    for sub, prefix, ext in (("img_emb", "img_emb_", ".npy"), ("text_emb", "text_emb_", ".npy"),
-                             ("metadata", "metadata_", ".parquet")):
-        d = root / sub
-        if not d.exists():
-            continue
-        for f in d.glob(f"{prefix}*{ext}"):
-            if f.name[len(prefix):-len(ext)] not in keep:
-                f.unlink()
-                removed += 1
-    return removed

@@ -1,11 +1,11 @@
-"""Score stage: CLIP score per pair (run_part, per ingest part) and global filters (finalize).
+"""Score stage: CLIP score per pair (:class:`ScoreStage`, per ingest part) and global filters (:class:`FilterStage`).
 
-run_part embeds the images of one ingest part once, encodes each distinct caption once, keeps the
-best of the k candidate captions, applies the per-row rules and writes ``score/<source>/<part>``
-plus the part's embeddings in clip-retrieval layout. finalize applies the rules that need every
-part: eval decontamination, exact and near duplicates, top fraction; it writes
-``score/selection.parquet`` (read by pipeline.selection), the dropped rows to ``excluded/score/``
-and a summary with score histograms to ``stats/score_summary.json``.
+A score unit embeds the images of one ingest part once, encodes each distinct caption once, keeps
+the best of the k candidate captions, applies the per-row rules and writes ``score/<source>/<part>``
+plus the part's embeddings in clip-retrieval layout. The filter unit applies the rules that need
+every part: eval decontamination, exact and near duplicates, top fraction; it writes
+``score/selection.parquet`` (read by pipeline.selection), the dropped rows to ``excluded/filter/``
+and a summary with score histograms to ``score/summary.json``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..recipe import Recipe, ScoreConfig, fingerprint
+from .. import layout
+from ..executor import Stage, Unit, UnitContext
+from ..recipe import Recipe, ScoreConfig
 from ..stats import StageStats
-from ..store import RunStore, write_json_atomic, write_parquet_atomic
+from ..store import RunStore
 from ..tables import EXCLUDED, SCORES
 from . import embeddings as emb_io
 from . import filters as F
@@ -41,13 +43,6 @@ HIST_EDGES = np.round(np.linspace(-1.0, 1.0, 101), 4)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _part_index(part_path: Path) -> int:
-    try:
-        return int(Path(part_path).stem.split("-")[1])
-    except (IndexError, ValueError):
-        raise ValueError(f"{part_path}: not an ingest part file (expected part-NNNNN.parquet)") from None
-
-
 def _source_index(recipe: Recipe, source: str) -> int:
     for i, s in enumerate(recipe.sources):
         if s.name == source:
@@ -55,26 +50,13 @@ def _source_index(recipe: Recipe, source: str) -> int:
     raise KeyError(f"source {source!r} is not in the recipe")
 
 
-def part_number(recipe: Recipe, source: str, part_path: Path) -> str:
+def part_number(recipe: Recipe, source: str, part: int) -> str:
     """The clip-retrieval file number N of a part."""
-    return emb_io.part_number(_source_index(recipe, source), _part_index(part_path))
+    return emb_io.part_number(_source_index(recipe, source), part)
 
 
 def _cfg_subset(cfg: ScoreConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
-
-
-def embed_fingerprint(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> str:
-    """Fingerprint of a part's embeddings and caption choice: its inputs and the model settings."""
-    unit = f"{source}/{Path(part_path).stem}"
-    role = recipe.source(source).role
-    pair_fp = store.done_fingerprint("pair", unit) if role == "train" else None
-    return fingerprint(CODE_VERSION, store.done_fingerprint("ingest", unit), pair_fp, role,
-                       part_number(recipe, source, part_path), _cfg_subset(recipe.score, EMBED_KEYS))
-
-
-def part_fingerprint(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> str:
-    return fingerprint(embed_fingerprint(recipe, store, source, part_path), _cfg_subset(recipe.score, ROW_KEYS))
 
 
 def _read_ingest(part_path: Path) -> pa.Table:
@@ -144,35 +126,53 @@ def score_pairs(img: np.ndarray, candidates: list[list[str]], text_emb: dict[str
     return scores, chosen
 
 
-def run_part(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> StageStats:
-    """Score one ingest part of a train or eval source; skipped when its done marker matches.
+class ScoreStage(Stage):
+    """One unit per ingest part of every source: train parts are scored, eval parts only embedded.
 
-    Train parts: one row per paired image in ``score/<source>/<part>.parquet`` (tables.SCORES) and
-    image + chosen-caption embeddings; eval parts: image embeddings only (for decontamination).
-
-    Raises:
-        FileNotFoundError: a train part has no pair file (run the pair stage first).
+    Config parts: ``embed`` (model, device, dtype, best_of_k: what the embeddings and the caption
+    choice depend on) and ``rows`` (the per-row thresholds). When only ``rows`` changed, the unit
+    re-decides from its stored scores and keeps its embeddings.
     """
-    part_path = Path(part_path)
-    unit = f"{source}/{part_path.stem}"
-    cfg = recipe.score
-    src = recipe.source(source)
-    efp = embed_fingerprint(recipe, store, source, part_path)
-    fp = part_fingerprint(recipe, store, source, part_path)
-    if store.is_done(STAGE, unit, fp):
-        return store.read_unit_stats(STAGE, unit)
-    n = part_number(recipe, source, part_path)
-    out = store.path(STAGE, source, part_path.name)
-    marker = store.path("done", STAGE, f"{unit}.json")
-    stats = StageStats(STAGE)
-    with stats.timer():
-        if src.role == "train" and out.exists() and _marker_info(marker).get("embed_fp") == efp:
+
+    name = STAGE
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.score.enabled
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        from ..ingest import ingested_parts
+
+        out = []
+        for source, i in ingested_parts(store, recipe):
+            role = recipe.source(source).role
+            inputs = (layout.ingest_part(source, i),) + ((layout.pair_part(source, i),) if role == "train" else ())
+            config = {"embed": [CODE_VERSION, role, part_number(recipe, source, i), _cfg_subset(recipe.score, EMBED_KEYS)]}
+            if role == "train":
+                config["rows"] = _cfg_subset(recipe.score, ROW_KEYS)
+            out.append(Unit(layout.source_unit(source, i), config=config, inputs=inputs, payload=(source, i, role)))
+        return out
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        source, i, role = unit.payload
+        recipe, stats = ctx.recipe, ctx.stats
+        part_path = ctx.path(layout.ingest_part(source, i))
+        n = part_number(recipe, source, i)
+        out_rel = layout.score_part(source, i)
+        written: list[str] = []
+        if role == "train" and ctx.config_unchanged("embed"):
             # Only per-row thresholds changed: recompute decisions from the stored scores.
-            table, excluded = _redecide(recipe, out, part_path)
-        elif src.role == "train":
-            table, excluded = _score_train_part(recipe, store, source, part_path, n, stats)
+            table, excluded = _redecide(recipe, ctx.path(out_rel), part_path)
+            for rel in ctx.previous_outputs():
+                if rel.startswith(layout.EMBEDDINGS[role] + "/"):
+                    ctx.carry(rel)
+            stats.add("redecided_parts", 1)
+        elif role == "train":
+            table, excluded, written = _score_train_part(recipe, ctx.store, source, i, n, stats)
         else:
-            table, excluded = None, _embed_eval_part(recipe, store, source, part_path, n, stats)
+            table = None
+            excluded, written = _embed_eval_part(recipe, ctx.store, source, i, n, stats)
+        for rel in written:
+            ctx.record(rel)
         if table is not None:
             stats.total = table.num_rows
             stats.kept = int(pc.sum(table["keep"]).as_py() or 0)
@@ -180,29 +180,18 @@ def run_part(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> S
                 stats.drop(r)
             for r, d in zip(excluded["drop_reason"].to_pylist(), excluded["detail"].to_pylist()):
                 if r not in stats.examples and d:
-                    stats.examples[r] = f"{unit}: {d}"
-            write_parquet_atomic(out, table)
-        write_parquet_atomic(store.path("excluded", STAGE, source, part_path.name), excluded)
-    store.write_unit_stats(stats, unit)
-    store.mark_done(STAGE, unit, fp, embed_fp=efp, n=n, model=cfg.model)
-    return stats
+                    stats.examples[r] = f"{unit.name}: {d}"
+            ctx.write_parquet(out_rel, table)
+        ctx.exclude(excluded)
+        ctx.info.update(n=n, model=recipe.score.model)
 
 
-def _marker_info(marker: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _score_train_part(recipe: Recipe, store: RunStore, source: str, part_path: Path, n: str,
-                      stats: StageStats) -> tuple[pa.Table, pa.Table]:
+def _score_train_part(recipe: Recipe, store: RunStore, source: str, part: int, n: str,
+                      stats: StageStats) -> tuple[pa.Table, pa.Table, list[str]]:
+    """Scores, excluded rows and the embedding files written (layout names) of one train part."""
     cfg = recipe.score
-    pair_path = store.path("pair", source, part_path.name)
-    if not pair_path.exists():
-        raise FileNotFoundError(f"{pair_path} is missing: run the pair stage for {source}/{part_path.stem} first")
+    part_path = store.path(layout.ingest_part(source, part))
+    pair_path = store.path(layout.pair_part(source, part))
     pairs = pq.read_table(pair_path)
     ingest = _read_ingest(part_path)
     pos = {u: i for i, u in enumerate(ingest["uid"].to_pylist())}
@@ -249,8 +238,8 @@ def _score_train_part(recipe: Recipe, store: RunStore, source: str, part_path: P
         "clip_score": pa.array(ok_scores, pa.float32()),
     })
     text = np.stack([temb[c] for c in chosen_caps]) if chosen_caps else np.zeros((0, img.shape[1]), np.float32)
-    emb_io.write_part(store, "train", n, img, meta, text)
-    return table, _excluded_table(uids, source, reasons, details)
+    written = emb_io.write_part(store, "train", n, img, meta, text)
+    return table, _excluded_table(uids, source, reasons, details), written
 
 
 def _scores_table(uids, captions, caption_sources, scores: np.ndarray, model: str,
@@ -278,10 +267,11 @@ def _redecide(recipe: Recipe, out: Path, part_path: Path) -> tuple[pa.Table, pa.
     return table, _excluded_table(t["uid"].to_pylist(), out.parent.name, reasons, details)
 
 
-def _embed_eval_part(recipe: Recipe, store: RunStore, source: str, part_path: Path, n: str,
-                     stats: StageStats) -> pa.Table:
+def _embed_eval_part(recipe: Recipe, store: RunStore, source: str, part: int, n: str,
+                     stats: StageStats) -> tuple[pa.Table, list[str]]:
+    """Excluded rows (images that failed to embed) and the embedding files written of one eval part."""
     cfg = recipe.score
-    rows = _read_ingest(part_path)
+    rows = _read_ingest(store.path(layout.ingest_part(source, part)))
     enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
     img, errors = enc.encode_images(rows["image"].to_pylist())
     ok = np.array([e is None for e in errors], dtype=bool)
@@ -291,63 +281,55 @@ def _embed_eval_part(recipe: Recipe, store: RunStore, source: str, part_path: Pa
         "source": sel["source"], "domain": sel["domain"], "class_name": sel["class_name"], "sha256": sel["sha256"],
         "clip_score": pa.nulls(sel.num_rows, pa.float32()),
     })
-    emb_io.write_part(store, "eval", n, img, meta)
+    written = emb_io.write_part(store, "eval", n, img, meta)
     stats.add("eval_images_embedded", int(ok.sum()))
     if (~ok).any():
         stats.add("eval_failed_to_embed", int((~ok).sum()))
     uids = rows["uid"].to_pylist()
     reasons = [None if good else F.FAILED_TO_EMBED for good in ok]
-    return _excluded_table(uids, source, reasons, errors)
+    return _excluded_table(uids, source, reasons, errors), written
 
 
 # ----------------------------------------------------------------------------- global filters
-def _train_units(recipe: Recipe, store: RunStore, role: str) -> list[tuple[str, Path]]:
-    return [(s.name, p) for s in recipe.sources if s.role == role for p in store.parts("ingest", s.name)]
+def _units(recipe: Recipe, store: RunStore, role: str) -> list[tuple[str, int]]:
+    from ..ingest import ingested_parts
+
+    return ingested_parts(store, recipe, role=role)
 
 
-def _require_scored(recipe: Recipe, store: RunStore, source: str, part_path: Path) -> str:
-    unit = f"{source}/{part_path.stem}"
-    fp = part_fingerprint(recipe, store, source, part_path)
-    if not store.is_done(STAGE, unit, fp):
-        raise RuntimeError(f"score part {unit} is missing or stale: run pipeline.score.run_part on it first")
-    return fp
+class FilterStage(Stage):
+    """One unit over every scored part: the rules that need all of them -> ``score/selection.parquet``.
 
-
-def finalize(recipe: Recipe, store: RunStore) -> StageStats:
-    """Global filters over every scored part; writes score/selection.parquet and the summary.
-
-    Order (each row keeps the first reason that drops it): per-row rules (from run_part), eval
+    Order (each row keeps the first reason that drops it): per-row rules (from the score stage), eval
     decontamination, exact duplicates, near duplicates, top fraction. Duplicate keepers are the
     best-scoring copy (ties: smallest uid).
-
-    Raises:
-        RuntimeError: a part has not been scored with the current recipe.
     """
-    cfg = recipe.score
-    train_units = _train_units(recipe, store, "train")
-    eval_units = _train_units(recipe, store, "eval")
-    fps = [_require_scored(recipe, store, s, p) for s, p in train_units + eval_units]
-    fp = fingerprint(CODE_VERSION, fps, _cfg_subset(cfg, FINAL_KEYS))
-    sel_path = store.path(STAGE, "selection.parquet")
-    if store.is_done(FINAL_STAGE, "all", fp) and sel_path.exists():
-        return store.read_unit_stats(FINAL_STAGE, "all")
-    stats = StageStats(FINAL_STAGE)
-    with stats.timer():
-        result = _finalize(recipe, store, train_units, eval_units, stats)
-        write_parquet_atomic(sel_path, result["selection"])
-        write_parquet_atomic(store.path("excluded", STAGE, "global.parquet"), result["excluded"])
-        write_json_atomic(store.path("stats", "score_summary.json"), result["summary"])
-        keep_n = {part_number(recipe, s, p) for s, p in train_units}
-        removed = emb_io.prune(store, "train", keep_n)
-        removed += emb_io.prune(store, "eval", {part_number(recipe, s, p) for s, p in eval_units})
-        if removed:
-            log.info("score: removed %d embedding files of parts that no longer exist", removed)
-    store.write_unit_stats(stats, "all")
-    store.mark_done(FINAL_STAGE, "all", fp, rows=result["selection"].num_rows)
-    return stats
+
+    name = FINAL_STAGE
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.score.enabled
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        train, evals = _units(recipe, store, "train"), _units(recipe, store, "eval")
+        inputs = [layout.score_part(s, i) for s, i in train]
+        for role, units in (("train", train), ("eval", evals)):
+            for s, i in units:
+                files = layout.embedding_files(role, part_number(recipe, s, i))
+                inputs += [files["img"], files["meta"]]
+        return [Unit("all", config={"final": [CODE_VERSION, _cfg_subset(recipe.score, FINAL_KEYS)]},
+                     inputs=tuple(inputs), payload=(train, evals))]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        train_units, eval_units = unit.payload
+        result = _finalize(ctx.recipe, ctx.store, train_units, eval_units, ctx.stats)
+        ctx.write_parquet(layout.SELECTION, result["selection"])
+        ctx.exclude(result["excluded"])
+        ctx.write_json(layout.SCORE_SUMMARY, result["summary"])
+        ctx.info["rows"] = result["selection"].num_rows
 
 
-def _load_embeddings(recipe: Recipe, store: RunStore, units: list[tuple[str, Path]], role: str
+def _load_embeddings(recipe: Recipe, store: RunStore, units: list[tuple[str, int]], role: str
                      ) -> tuple[np.ndarray, pa.Table]:
     mats, metas = [], []
     for s, p in units:
@@ -359,10 +341,10 @@ def _load_embeddings(recipe: Recipe, store: RunStore, units: list[tuple[str, Pat
     return np.concatenate(mats), pa.concat_tables(metas)
 
 
-def _finalize(recipe: Recipe, store: RunStore, train_units: list[tuple[str, Path]],
-              eval_units: list[tuple[str, Path]], stats: StageStats) -> dict[str, Any]:
+def _finalize(recipe: Recipe, store: RunStore, train_units: list[tuple[str, int]],
+              eval_units: list[tuple[str, int]], stats: StageStats) -> dict[str, Any]:
     cfg = recipe.score
-    parts = [pq.read_table(store.path(STAGE, s, p.name)) for s, p in train_units]
+    parts = [pq.read_table(store.path(layout.score_part(s, i))) for s, i in train_units]
     scores_t = pa.concat_tables(parts) if parts else SCORES.empty_table()
     sources = [s for (s, _), t in zip(train_units, parts) for _ in range(t.num_rows)]
     n = scores_t.num_rows
@@ -507,7 +489,7 @@ def load_summary(store: RunStore) -> dict[str, Any]:
     """The summary finalize wrote (for the CLI, the report and the flow's table artifact)."""
     import json
 
-    p = store.path("stats", "score_summary.json")
+    p = store.path(layout.SCORE_SUMMARY)
     if not p.exists():
         raise FileNotFoundError(f"{p} is missing: run the score stage (finalize) first")
     return json.loads(p.read_text())

@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..describe.template import article, resolve_prompts_dir
-from ..recipe import Recipe, fingerprint
+from .. import layout
+from ..executor import Stage, Unit, UnitContext
+from ..recipe import Recipe
 from ..stats import StageStats
 from ..store import RunStore, atomic_path, write_json_atomic, write_text_atomic
 from .model import Loaded, autocast_dtype, encode_images, encode_texts, load_clip, resolve_device
@@ -60,8 +62,12 @@ def load_task(recipe: Recipe, store: RunStore, source: str, limit: Optional[int]
     names: list[str] = []
     uids: list[str] = []
     failed = 0
-    for path in store.parts("ingest", source):
-        t = pq.read_table(path, columns=["uid", "image", "class_name", "status"])
+    from ..ingest import ingested_parts
+
+    for s, i in ingested_parts(store, recipe):
+        if s != source:
+            continue
+        t = pq.read_table(store.path(layout.ingest_part(s, i)), columns=["uid", "image", "class_name", "status"])
         ok = pc.and_(pc.equal(t["status"], "success"), pc.is_valid(t["class_name"]))
         failed += t.num_rows - int(pc.sum(ok).as_py() or 0)
         t = t.filter(ok)
@@ -99,9 +105,9 @@ def template_sentences(templates: dict[str, list[str]], domain: str, class_name:
 
 def load_descriptions(store: RunStore) -> tuple[dict[tuple[str, str], list[str]], Optional[str]]:
     """Kept describe sentences per (domain, class) and the backend that wrote them ({} / None if none)."""
-    from ..describe import descriptions_path, load_kept
+    from ..describe import load_kept
 
-    p = descriptions_path(store)
+    p = store.path(layout.DESCRIPTIONS)
     if not p.exists():
         return {}, None
     backends = pc.unique(pq.read_table(p, columns=["backend"])["backend"]).to_pylist()
@@ -148,10 +154,10 @@ def default_models(recipe: Recipe, store: RunStore) -> dict[str, str]:
     """``base`` (eval.base_model, else train.model or the from_config init) and ``finetuned`` if trained."""
     base = recipe.eval.base_model
     if base is None:
-        base_dir = store.path("train", "base")
+        base_dir = store.path(layout.TRAIN_BASE)
         base = str(base_dir) if recipe.train.from_config is not None and base_dir.exists() else recipe.train.model
     models = {"base": base}
-    final = store.path("train", "final")
+    final = store.path(layout.TRAIN_FINAL)
     if (final / "config.json").exists():
         models["finetuned"] = str(final)
     else:
@@ -191,12 +197,12 @@ def _eval_model(loaded: Loaded, tasks: list[Task], kinds: list[str], templates: 
 
 
 def run(recipe: Recipe, store: RunStore, models: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 of each model on each eval task with each classifier kind.
+    """Run the eval stage (skipped when done with these models and inputs); returns the results document.
 
     Args:
         recipe: The run's recipe (eval sources, eval settings, prompts folder).
         store: The run store (ingest parts of the eval sources, descriptions, train/final).
-        models: name -> hub id or folder; default :func:`default_models` (base and fine-tuned).
+        models: name -> hub id or folder; default ``eval.models``, else :func:`default_models`.
 
     Returns:
         The results document (also written to ``eval/results.json``) with ``rows``: one row per task
@@ -205,57 +211,95 @@ def run(recipe: Recipe, store: RunStore, models: Optional[dict[str, str]] = None
     Raises:
         ValueError: the recipe has no eval source with ingested images.
     """
+    from ..executor import run_stages
+
+    if models:
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"models": dict(models)})})
+    rep = run_stages(recipe, store, [STAGE])[STAGE]
+    return {**json.loads(store.path(layout.EVAL_RESULTS).read_text()), "skipped": not rep.plan.pending}
+
+
+def _inside(store: RunStore, path: str) -> Optional[Path]:
+    p = Path(path).resolve()
+    return p if p.is_dir() and (p == store.root or store.root in p.parents) else None
+
+
+class EvalStage(Stage):
+    """One unit: every eval source's ingested images x every model x every classifier kind."""
+
+    name = STAGE
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.eval.enabled
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        from ..ingest import ingested_parts
+
+        cfg = recipe.eval
+        eval_sources = [s.name for s in recipe.sources if s.role == "eval"]
+        if not eval_sources:
+            raise ValueError("eval: the recipe has no source with role: eval (add a labelled source marked role: eval)")
+        models = dict(cfg.models) if cfg.models else default_models(recipe, store)
+        _, tpl_sha = load_templates(recipe)
+        inputs = [layout.ingest_part(s, i) for s, i in ingested_parts(store, recipe, role="eval")]
+        if store.path(layout.DESCRIPTIONS).is_file():
+            inputs.append(layout.DESCRIPTIONS)
+        identity = {}
+        for name, path in sorted(models.items()):
+            local = _inside(store, path)
+            if local is None:  # a hub id or a folder outside the run: its name, sizes and mtimes
+                identity[name] = _model_identity(path)
+            else:  # a model of this run (train/final, train/base): its files' digests
+                identity[name] = local.relative_to(store.root).as_posix()
+                inputs += sorted(f.relative_to(store.root).as_posix() for f in local.rglob("*") if f.is_file())
+        config = {"eval": [CODE_VERSION, cfg.model_dump(mode="json", exclude={"device", "enabled", "models"}),
+                           tpl_sha, identity]}
+        return [Unit("all", config=config, inputs=tuple(inputs), payload=(eval_sources, models))]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        eval_sources, models = unit.payload
+        doc = _evaluate(ctx.recipe, ctx.store, eval_sources, models, ctx.stats)
+        doc["fingerprint"] = ctx.fingerprint
+        doc["rows"] = side_by_side(doc)
+        ctx.write_json(layout.EVAL_RESULTS, doc)
+        with ctx.output(layout.EVAL_MARKDOWN) as tmp:
+            tmp.write_text(markdown(doc), encoding="utf-8")
+        plot(doc, ctx.path(layout.EVAL_PLOT))
+        ctx.record(layout.EVAL_PLOT)
+
+
+def _evaluate(recipe: Recipe, store: RunStore, eval_sources: list[str], models: dict[str, str],
+              stats: StageStats) -> dict[str, Any]:
     cfg = recipe.eval
-    eval_sources = [s.name for s in recipe.sources if s.role == "eval"]
-    if not eval_sources:
-        raise ValueError("eval: the recipe has no source with role: eval (add a labelled source marked role: eval)")
-    models = dict(models) if models else default_models(recipe, store)
     templates, tpl_sha = load_templates(recipe)
     descriptions, desc_backend = load_descriptions(store)
     kinds = list(cfg.classifiers)
     if not descriptions and any(k != "template" for k in kinds):
         log.warning("eval: no describe/descriptions.parquet; the descriptions classifiers use the templates")
-    ingest_fp = [(s, [store.done_fingerprint("ingest", f"{s}/{p.stem}") for p in store.parts("ingest", s)])
-                 for s in eval_sources]
-    fp = fingerprint(CODE_VERSION, cfg.model_dump(exclude={"device", "enabled"}), tpl_sha, ingest_fp,
-                     store.done_fingerprint("describe", "all"), {k: _model_identity(v) for k, v in models.items()})
-    out_json = store.path(STAGE, "results.json")
-    if store.is_done(STAGE, "all", fp) and out_json.exists():
-        log.info("eval: done with these models and inputs; skipping")
-        return {**json.loads(out_json.read_text()), "skipped": True}
-
-    stats = StageStats(STAGE)
-    with stats.timer():
-        tasks = [t for t in (load_task(recipe, store, s, cfg.max_per_task) for s in eval_sources) if t is not None]
-        if not tasks:
-            raise ValueError(f"eval: no eval source has ingested images ({eval_sources}); run ingest first")
-        stats.total = sum(len(t.images) for t in tasks)
-        device = resolve_device(cfg.device)
-        dtype = autocast_dtype("auto", device)
-        results = []
-        for name, path in models.items():
-            loaded = load_clip(path)
-            loaded.model.to(device).eval()
-            for r in _eval_model(loaded, tasks, kinds, templates, descriptions, device, dtype, cfg.batch_size, stats):
-                results.append({"model": name, **r})
-            del loaded
-        stats.kept = sum(r["n_images"] for r in results if r["model"] == next(iter(models)) and r["classifier"] == kinds[0])
-        stats.add("tasks", len(tasks))
+    tasks = [t for t in (load_task(recipe, store, s, cfg.max_per_task) for s in eval_sources) if t is not None]
+    if not tasks:
+        raise ValueError(f"eval: no eval source has ingested images ({eval_sources}); run ingest first")
+    stats.total = sum(len(t.images) for t in tasks)
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype("auto", device)
+    results = []
+    for name, path in models.items():
+        loaded = load_clip(path)
+        loaded.model.to(device).eval()
+        for r in _eval_model(loaded, tasks, kinds, templates, descriptions, device, dtype, cfg.batch_size, stats):
+            results.append({"model": name, **r})
+        del loaded
+    stats.kept = sum(r["n_images"] for r in results if r["model"] == next(iter(models)) and r["classifier"] == kinds[0])
+    stats.add("tasks", len(tasks))
     doc = {
         "models": models, "classifiers": kinds, "description_backend": desc_backend,
         "description_note": _desc_note(desc_backend), "templates_sha": tpl_sha,
         "tasks": [{"task": t.name, "domain": t.domain, "n_images": len(t.images), "n_classes": len(t.classes),
                    "chance_top1": 1 / len(t.classes), "failed_ingest": t.failed_ingest, "classes": t.classes}
                   for t in tasks],
-        "results": results, "mean": _means(results), "fingerprint": fp,
+        "results": results, "mean": _means(results),
     }
-    doc["rows"] = side_by_side(doc)
-    write_json_atomic(out_json, doc)
-    write_text_atomic(store.path(STAGE, "results.md"), markdown(doc))
-    plot(doc, store.path(STAGE, "zero_shot.png"))
-    store.write_unit_stats(stats, "all")
-    store.mark_done(STAGE, "all", fp)
-    return {**doc, "skipped": False}
+    return doc
 
 
 def _desc_note(backend: Optional[str]) -> str:

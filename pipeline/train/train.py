@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..recipe import Recipe, TrainConfig, fingerprint
+from .. import layout
+from ..executor import Stage, Unit, UnitContext
+from ..recipe import Recipe, TrainConfig
 from ..stats import StageStats
 from ..store import RunStore, write_json_atomic, write_text_atomic
 from . import data as D
@@ -158,7 +160,7 @@ def train_step(model: Any, micro: list[dict[str, "torch.Tensor"]], device: "torc
 
 
 def _ckpt_root(store: RunStore) -> Path:
-    return store.path(STAGE, "checkpoints")
+    return store.path(layout.TRAIN_CHECKPOINTS)
 
 
 def save_checkpoint(store: RunStore, model: Any, optimizer: Any, scaler: Any, state: dict[str, Any],
@@ -254,7 +256,7 @@ class Metrics:
 
 
 def read_metrics(store: RunStore) -> list[dict[str, Any]]:
-    p = store.path(STAGE, "metrics.jsonl")
+    p = store.path(layout.TRAIN_METRICS)
     if not p.exists():
         return []
     return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -335,16 +337,17 @@ def step_batches(shard_dir: Path, shards: list[str], cfg: TrainConfig, spec: D.I
 # ----------------------------------------------------------------------------- run
 
 
-def train_fingerprint(recipe: Recipe, shards_fp: str) -> str:
+def train_config(recipe: Recipe) -> dict[str, Any]:
+    """The train block without where and how often it runs (those do not change what is trained)."""
     cfg = recipe.train.model_dump(mode="json")
     for k in ("enabled", "device", "workers", "log_every", "save_every", "keep_checkpoints"):
-        cfg.pop(k)  # where and how often: not what is trained
-    return fingerprint(CODE_VERSION, cfg, shards_fp)
+        cfg.pop(k)
+    return cfg
 
 
 def _save_final(store: RunStore, loaded: Loaded, summary: dict[str, Any]) -> Path:
     """save_pretrained model + tokenizer + preprocessor config into train/final (swapped in whole)."""
-    final = store.path(STAGE, "final")
+    final = store.path(layout.TRAIN_FINAL)
     tmp = store.path(STAGE, ".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     loaded.model.save_pretrained(tmp, safe_serialization=True)
@@ -366,7 +369,7 @@ def save_base(store: RunStore, recipe: Recipe, loaded: Loaded) -> Path:
     Written before any step, so it is the exact starting point; re-written when from_config or seed change.
     """
     cfg = recipe.train
-    base = store.path(STAGE, "base")
+    base = store.path(layout.TRAIN_BASE)
     ident = {"from_config": cfg.from_config, "seed": cfg.seed, "model": cfg.model}
     marker = base / "alive_base.json"
     try:
@@ -393,25 +396,55 @@ def _processor_config(spec: D.ImageSpec) -> dict[str, Any]:
 
 
 def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
-    """Fine-tune ``recipe.train.model`` on ``<run>/shards/wds``; resumes from the newest checkpoint.
+    """Run the train stage on ``<run>/shards/wds`` (resumed, or skipped when done); returns its summary.
 
     Returns:
         Summary: steps, samples, first/last logged loss, paths of the final model and metrics, the
         plan, the step it resumed from and whether it was skipped (already done with these inputs).
     """
+    from ..executor import run_stages
+
+    rep = run_stages(recipe, store, [STAGE])[STAGE]
+    return {**json.loads(store.path(layout.TRAIN_SUMMARY).read_text()), "skipped": not rep.plan.pending}
+
+
+class TrainStage(Stage):
+    """One unit: the webdataset shards (sizes.json and every tar it lists) -> train/final."""
+
+    name = STAGE
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.train.enabled
+
+    def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
+        sizes = D.read_sizes(store.path(layout.WDS))
+        inputs = (layout.SIZES,) + tuple(f"{layout.WDS}/{name}" for name in sorted(sizes))
+        return [Unit("final", inputs=inputs, config={"train": [CODE_VERSION, train_config(recipe)]})]
+
+    def process(self, unit: Unit, ctx: UnitContext) -> None:
+        summary, ctx.stats = _train(ctx.recipe, ctx.store, ctx.fingerprint, ctx.stats)
+        ctx.record_tree(layout.TRAIN_FINAL)
+        if ctx.recipe.train.from_config is not None:
+            ctx.record_tree(layout.TRAIN_BASE)
+        ctx.record(layout.TRAIN_METRICS)
+        ctx.record(layout.TRAIN_SUMMARY)
+        ctx.info["steps"] = summary["steps"]
+
+
+def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple[dict[str, Any], StageStats]:
+    """Fine-tune ``recipe.train.model``; resumes from the newest checkpoint made with fingerprint ``fp``.
+
+    Returns:
+        (summary, the stage's stats: samples read and dropped, optimizer steps).
+    """
     import numpy as np
     import torch
 
     cfg = recipe.train
-    shard_dir = store.path("shards", "wds")
+    shard_dir = store.path(layout.WDS)
     sizes = D.read_sizes(shard_dir)
-    fp = train_fingerprint(recipe, D.shards_fingerprint(shard_dir, sizes))
-    final = store.path(STAGE, "final")
-    summary_path = store.path(STAGE, "summary.json")
-    if store.is_done(STAGE, "final", fp) and final.is_dir() and summary_path.exists():
-        log.info("train: done with these inputs and settings; skipping (%s)", final)
-        return {**json.loads(summary_path.read_text()), "skipped": True}
-
+    final = store.path(layout.TRAIN_FINAL)
+    summary_path = store.path(layout.TRAIN_SUMMARY)
     plan = make_plan(cfg, sum(sizes.values()))
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
@@ -427,19 +460,20 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
                                   eps=cfg.eps, **({"fused": True} if use_fused else {}))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
-    stats = StageStats(STAGE)
     step, epoch, pos, resumed_from = 0, 0, 0, None
     ckpt = latest_checkpoint(store, fp)
     if ckpt is not None:
         st = load_checkpoint(ckpt, model, optimizer, scaler)
         step, epoch, pos = st["step"], st["epoch"], st["pos"]
-        stats = StageStats.from_dict(st["stats"])
+        restored = StageStats.from_dict(st["stats"])
+        stats.total, stats.kept, stats.dropped, stats.counters = (restored.total, restored.kept, restored.dropped,
+                                                                  restored.counters)
         resumed_from = step
         log.info("train: resuming from %s (step %d, epoch %d, stream position %d)", ckpt, step, epoch, pos)
     else:
         # Checkpoints of other inputs/settings must not outnumber (and so prune) this run's own.
         shutil.rmtree(_ckpt_root(store), ignore_errors=True)
-    metrics = Metrics(store.path(STAGE, "metrics.jsonl"), step)
+    metrics = Metrics(store.path(layout.TRAIN_METRICS), step)
     log.info("train: %d samples, %d steps (%d/epoch), batch %dx%d, lr %.3g, warmup %d, %s %s, %d trainable params",
              plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size, cfg.grad_accum, plan.lr,
              plan.warmup_steps, device, dtype or "fp32", trainable)
@@ -472,7 +506,6 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
     shards = list(sizes)
     window: list[float] = []
     t_window, n_window = time.perf_counter(), 0
-    t0 = time.perf_counter()
     last_saved = step
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
@@ -512,12 +545,11 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
     finally:
         metrics.close()
     stats.add("optimizer_steps", step - last_saved)
-    stats.seconds += time.perf_counter() - t0
     rows = read_metrics(store)
     summary = {
         "steps": step, "epochs_done": epoch, "samples_trained": int(stats.counters["samples_trained"]),
         "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
-        "final_dir": str(final), "metrics": str(store.path(STAGE, "metrics.jsonl")),
+        "final_dir": str(final), "metrics": str(store.path(layout.TRAIN_METRICS)),
         "plan": plan.__dict__, "resumed_from": resumed_from, "device": str(device),
         "precision": str(dtype or "fp32"), "freeze": cfg.freeze, "trainable_params": trainable,
         "model": cfg.model, "from_config": cfg.from_config is not None, "fingerprint": fp, "skipped": False,
@@ -525,7 +557,5 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
     model.eval()
     _save_final(store, loaded, summary)
     write_json_atomic(summary_path, summary)
-    store.write_unit_stats(stats, "final")
-    store.mark_done(STAGE, "final", fp, steps=step)
     shutil.rmtree(_ckpt_root(store), ignore_errors=True)  # the final model supersedes them
-    return summary
+    return summary, stats
