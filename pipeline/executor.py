@@ -399,9 +399,6 @@ class Executor:
         total = StageStats(stage.name)
         for pu in plan.units:
             total = total.merge(ran[pu.name] if pu.name in ran else self.unit_stats(stage.name, pu.name))
-        total.add("units", len(plan.units))
-        total.add("units_run", len(ran))
-        total.add("units_skipped", len(plan.units) - len(ran))
         stage.after(self.recipe, self.store, plan)
         return total
 
@@ -445,7 +442,8 @@ def drive(executor: Executor, names: Optional[Sequence[str]] = None, mapper: Opt
 
     Args:
         executor: the run folder's executor.
-        names: the stages to run (default: every enabled stage in order).
+        names: the stages to run, in pipeline order, whether the recipe enables them or not
+            (``alive train`` on a recipe with ``train.enabled: false``); default every enabled stage.
         mapper: where units run (default: sequentially in this process).
         on_stage: called with each stage's plan before it runs (progress, logging).
 
@@ -457,7 +455,7 @@ def drive(executor: Executor, names: Optional[Sequence[str]] = None, mapper: Opt
     for stage in executor.stages.values():
         if names is not None and stage.name not in names:
             continue
-        if not stage.enabled(executor.recipe):
+        if names is None and not stage.enabled(executor.recipe):  # a stage asked for by name runs
             continue
         plan = executor.plan(stage)
         if on_stage is not None:

@@ -26,11 +26,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_server import TINY_LM_NAME, LLMServer, build_tiny_lm  # noqa: E402
 
-from pipeline.describe import ClassInfo, descriptions_path, load_kept, run, summary_lines  # noqa: E402
+from pipeline import layout  # noqa: E402
+from pipeline.describe import ClassInfo, describe_classes, load_kept, summary_lines  # noqa: E402
 from pipeline.describe.llm import DescribeError  # noqa: E402
 from pipeline.describe.prompts import load_prompt_sets  # noqa: E402
 from pipeline.recipe import DescribeConfig, parse_recipe  # noqa: E402
-from pipeline.store import RunStore  # noqa: E402
+from pipeline.stats import StageStats  # noqa: E402
+from pipeline.store import RunStore, write_parquet_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [ClassInfo("crops", "tomato early blight", "tomato leaf"), ClassInfo("fishery", "nile tilapia"),
@@ -49,6 +51,17 @@ def recipe(base_url: str, **describe):
          "clip_tokenizer": None, "backoff_base": 0.01, "backoff_max": 0.05, "timeout": 5.0, **describe}
     return parse_recipe({"name": "t", "sources": [{"name": "s", "kind": "synthetic", "domain": "crops",
                                                    "classes": ["a"]}], "describe": d})
+
+
+def descriptions_path(store):
+    return store.path(layout.DESCRIPTIONS)
+
+
+def run(r, store: RunStore, classes) -> StageStats:
+    """The describe stage's work on a given class list (the stage itself lists the ingested classes)."""
+    stats = StageStats("describe")
+    write_parquet_atomic(descriptions_path(store), describe_classes(r.describe, store, classes, stats))
+    return stats
 
 
 def table(store):
@@ -92,7 +105,7 @@ def test_normal_chat_run_writes_descriptions_with_provenance(server, tmp_path):
         assert not r["text"].startswith(("Sure", "1.")) and "renowned" not in r["text"]
     c = stats.counters
     assert c["requests"] == nq and c["samples_generated"] == nq * 3 and c["failed_classes"] == 0
-    assert c["tokens_out"] == server.tokens_out > 0 and c["tokens_in"] > 0 and c["tokens_per_s"] > 0
+    assert c["tokens_out"] == server.tokens_out > 0 and c["tokens_in"] > 0 and stats.gauges["tokens_per_s"] > 0
     assert stats.total == len(rows) and stats.kept == len(kept) and stats.dropped  # junk rejected with reasons
     assert set(load_kept(store)) == {(c.domain, c.class_name) for c in CLASSES}
     text = "\n".join(summary_lines(stats))
@@ -180,14 +193,12 @@ def test_class_that_keeps_failing_is_recorded_and_retried_next_run(server, tmp_p
     assert stats.counters["failed_classes"] == 1 and stats.counters["failed_requests"] == N_GENERAL_Q
     assert stats.dropped["request_failed"] == N_GENERAL_Q * 2
     assert any(rec.levelno == logging.ERROR and "1 of 3 classes FAILED" in rec.getMessage() for rec in caplog.records)
-    assert not store.is_done("describe", "all", "x") and store.done_fingerprint("describe", "all") is None
     # next run: the server is fixed; only the failed class is asked again, the rest comes from the cache
     server.fail_when = {}
     server.reset_counters()
     stats = run(r, store, classes)
     assert server.requests == N_GENERAL_Q and all("cursed lantern" in e["prompt"] for e in server.log)
     assert stats.counters["failed_classes"] == 0 and stats.counters["cache_hits"] == 2 * N_GENERAL_Q * 2
-    assert store.done_fingerprint("describe", "all") is not None
 
 
 def test_non_retryable_error_fails_at_once(server, tmp_path):
@@ -226,7 +237,7 @@ def test_request_cache_serves_a_changed_config_without_asking(server, tmp_path):
     server.reset_counters()
     stats = run(recipe(server.base_url, concurrency=3), store, GENERAL)  # new fingerprint, same requests
     assert server.requests == 0 and stats.counters["cache_hits"] == stats.counters["samples"] == 2 * N_GENERAL_Q * 2
-    assert stats.counters["cache_hit_rate"] == 1.0
+    assert stats.gauges["cache_hit_rate"] == 1.0
     assert table(store) == before
     # a sampling change is a different request: asked again
     run(recipe(server.base_url, temperature=0.5), store, GENERAL)
@@ -235,11 +246,13 @@ def test_request_cache_serves_a_changed_config_without_asking(server, tmp_path):
 
 _CHILD = """
 import json, sys
-from pipeline.describe import ClassInfo, run
+from pipeline.describe import ClassInfo, describe_classes
 from pipeline.recipe import parse_recipe
+from pipeline.stats import StageStats
 from pipeline.store import RunStore
 spec = json.loads(sys.argv[1])
-run(parse_recipe(spec["recipe"]), RunStore(spec["store"]), [ClassInfo(*c) for c in spec["classes"]])
+describe_classes(parse_recipe(spec["recipe"]).describe, RunStore(spec["store"]),
+                 [ClassInfo(*c) for c in spec["classes"]], StageStats("describe"))
 """
 
 

@@ -14,10 +14,11 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from pipeline import ingest
+from pipeline import ingest, layout
 from pipeline.recipe import parse_recipe
 from pipeline.store import RunStore, write_parquet_atomic
 from pipeline.tables import INGEST
+from pipeline.executor import run_stages
 from pipeline.train import evaluate as E
 
 CLASSES = ["red clover", "white clover", "green gram"]
@@ -32,8 +33,7 @@ def recipe_dict(with_eval: bool = True) -> dict:
 
 
 def ingest_eval(recipe, store: RunStore) -> None:
-    for part in ingest.plan(recipe, store, names=["held"]):
-        ingest.run_part(recipe, store, part)
+    run_stages(recipe, store, ["ingest"])
 
 
 def test_topk_accuracy_known_answers():
@@ -78,7 +78,7 @@ def test_eval_run_outputs_and_bad_images(tmp_path, tiny_clip_dir):
     bad.update(uid="u-bad", source="held", domain="crops", role="eval", label="red clover", class_name="red clover",
                orig_id="x", image=b"\xff\xd8 broken", synthetic=True, status="success")
     failed = {**bad, "uid": "u-failed", "orig_id": "y", "image": None, "status": "failed_to_decode", "error": "e"}
-    write_parquet_atomic(store.part_path("ingest", "held", 1), pa.Table.from_pylist([bad, failed], schema=INGEST))
+    write_parquet_atomic(store.path(layout.ingest_part("held", 1)), pa.Table.from_pylist([bad, failed], schema=INGEST))
 
     res = E.run(recipe, store, models={"tiny": str(tiny_clip_dir)})
     n = len(CLASSES) * 4

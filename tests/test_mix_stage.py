@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import mix, selection
+from pipeline import layout, mix, selection
+from pipeline.executor import run_stages
 from pipeline.mix import sweep as sweep_mod
 from pipeline.mix.law import fit_all, law, read_results
 from pipeline.recipe import parse_recipe
@@ -50,20 +51,24 @@ def make_store(root) -> RunStore:
             "class_name": pa.array([c for c, _ in rows], pa.string()), "orig_id": pa.array([str(i) for i in range(n)]),
             "synthetic": pa.array([True] * n), "status": pa.array(["success"] * n),
         })
-        write_parquet_atomic(store.part_path("ingest", name, 0), pa.table(ing, schema=INGEST))
+        write_parquet_atomic(store.path(layout.ingest_part(name, 0)), pa.table(ing, schema=INGEST))
         pairs = pa.table({"uid": uids, "candidates": [[f"a photo of {c or 'something'}"] for c, _ in rows],
                           "caption_source": ["template" if c else "original" for c, _ in rows]}, schema=PAIRS)
-        write_parquet_atomic(store.part_path("pair", name, 0), pairs)
+        write_parquet_atomic(store.path(layout.pair_part(name, 0)), pairs)
     return store
+
+
+def run_mix(recipe, store):
+    return run_stages(recipe, store, ["mix"])["mix"]
 
 
 def test_run_writes_manifest_report_excluded_and_skips_when_unchanged(tmp_path):
     store = make_store(tmp_path / "run")
     recipe = make_recipe(shares={"crops": 0.5, "livestock": 0.2, "general": 0.3}, class_cap=60, total=150)
-    stats = mix.run(recipe, store)
+    stats = run_mix(recipe, store).stats
     man = pq.read_table(store.path("mix", "manifest.parquet"))
     rep = json.loads(store.path("mix", "mix_report.json").read_text())
-    exc = pq.read_table(store.path("excluded", "mix", "excluded.parquet"))
+    exc = pq.read_table(store.path(layout.excluded("mix", "all")))
     assert man.schema == MANIFEST and exc.schema == EXCLUDED
     # the stage is mix_table over the kept selection rows
     pool = selection.load(recipe, store, kept_only=True)
@@ -75,16 +80,16 @@ def test_run_writes_manifest_report_excluded_and_skips_when_unchanged(tmp_path):
     assert set(exc["uid"].to_pylist()).isdisjoint(man["uid"].to_pylist())
     assert man.num_rows + exc.num_rows == 390
     assert set(exc["drop_reason"].to_pylist()) <= {"class_cap", "downsampled", "bucket_not_in_mix"}
-    assert stats.counters["rows_out"] == 150 and stats.counters["feasible"] == 1
+    assert stats.counters["rows_out"] == 150 and stats.gauges["feasible"] == 1
     assert [r["bucket"] for r in mix.report_table(store)] == ["crops", "general", "livestock"]
 
     mtime = store.path("mix", "manifest.parquet").stat().st_mtime_ns
-    again = mix.run(recipe, store)
-    assert store.path("mix", "manifest.parquet").stat().st_mtime_ns == mtime
-    assert again.to_dict()["counters"] == stats.to_dict()["counters"]
+    again = run_mix(recipe, store)
+    assert store.path("mix", "manifest.parquet").stat().st_mtime_ns == mtime and not again.plan.pending
+    assert again.stats.to_dict()["counters"] == stats.to_dict()["counters"]
 
     changed = make_recipe(shares={"crops": 0.5, "livestock": 0.2, "general": 0.3}, class_cap=60, total=100)
-    mix.run(changed, store)
+    run_mix(changed, store)
     assert sum(pq.read_table(store.path("mix", "manifest.parquet"))["repeats"].to_pylist()) == 100
 
 
@@ -92,16 +97,17 @@ def test_run_error_policy_writes_the_report_then_raises(tmp_path):
     store = make_store(tmp_path / "run")
     recipe = make_recipe(shares={"crops": 0.2, "livestock": 0.6, "general": 0.2}, total=300, on_infeasible="error")
     with pytest.raises(mix.MixInfeasibleError, match="livestock"):
-        mix.run(recipe, store)
+        run_mix(recipe, store)
     rep = json.loads(store.path("mix", "mix_report.json").read_text())
     assert rep["unmet"][0]["bucket"] == "livestock" and rep["closest_feasible"]["same_shares"]["total"] == 66
     assert not store.path("mix", "manifest.parquet").exists()
+    assert not store.path(layout.marker("mix", "all")).exists()  # no marker: the next run tries again
 
 
 def test_run_disabled_writes_nothing(tmp_path):
     store = make_store(tmp_path / "run")
-    stats = mix.run(make_recipe(enabled=False), store)
-    assert stats.total == 0 and not store.path("mix").exists()
+    reports = run_stages(make_recipe(enabled=False), store, None)
+    assert "mix" not in reports and not store.path("mix").exists()
 
 
 def _fake_eval(recipe, store):
@@ -133,7 +139,7 @@ def test_sweep_builds_each_share_and_feeds_the_fit(tmp_path):
     child = RunStore(store.path("mixing_law", "share-0.2000"))
     assert pq.read_table(child.path("mix", "manifest.parquet")).num_rows > 0
     # upstream outputs are shared, not recomputed
-    a, b = store.part_path("ingest", "web", 0), child.part_path("ingest", "web", 0)
+    a, b = store.path(layout.ingest_part("web", 0)), child.path(layout.ingest_part("web", 0))
     assert os.path.samefile(a, b)
     res = read_results(out)
     assert res.base == {"general": 0.69}

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import describe, pair
+from pipeline import describe, layout, pair
+from pipeline.executor import run_stages
 from pipeline.recipe import parse_recipe
+from pipeline.stats import StageStats
 from pipeline.store import RunStore, write_parquet_atomic
 from pipeline.tables import EXCLUDED, INGEST, PAIRS
 
@@ -77,21 +79,23 @@ def test_run_part_end_to_end_with_template_descriptions(tmp_path):
                                                            "classes": ["apple scab"]}],
                       "describe": {"backend": "template", "captions_per_image": 2}})
     store = RunStore(tmp_path)
-    describe.run(r, store, [describe.ClassInfo("crops", "apple scab"), describe.ClassInfo("fishery", "carp")])
-    part = store.part_path("ingest", "s", 0)
-    write_parquet_atomic(part, ingest_rows(12))
-    stats = pair.run_part(r, store, "s", part)
-    out = pq.read_table(store.path("pair", "s", part.name)).to_pylist()
+    # Hand-made inputs: an ingest part, and descriptions for two of its three classes.
+    write_parquet_atomic(store.path(layout.ingest_part("s", 0)), ingest_rows(12))
+    classes = [describe.ClassInfo("crops", "apple scab"), describe.ClassInfo("fishery", "carp")]
+    write_parquet_atomic(store.path(layout.DESCRIPTIONS),
+                         describe.describe_classes(r.describe, store, classes, StageStats("describe")))
+    stats = run_stages(r, store, ["pair"])["pair"].stats
+    out = pq.read_table(store.path(layout.pair_part("s", 0))).to_pylist()
     assert len(out) == stats.kept == 9 and all(len(x["candidates"]) <= 2 for x in out)
     kept = describe.load_kept(store)
     assert all(set(x["candidates"]) <= set(kept[("crops", "apple scab")]) for x in out if x["uid"] in
                {f"u{i:04d}" for i in range(0, 12, 3)})
-    assert pq.read_table(store.path("excluded", "pair", "s", part.name)).num_rows == 4
-    assert store.read_unit_stats("pair", "s/part-00000").kept == 9
+    assert pq.read_table(store.path(layout.excluded("pair", "s/part-00000"))).num_rows == 4
     # done: re-running reads the stats back without rewriting
-    mtime = store.path("pair", "s", part.name).stat().st_mtime_ns
-    assert pair.run_part(r, store, "s", part).kept == 9
-    assert store.path("pair", "s", part.name).stat().st_mtime_ns == mtime
+    mtime = store.path(layout.pair_part("s", 0)).stat().st_mtime_ns
+    again = run_stages(r, store, ["pair"])["pair"]
+    assert again.stats.kept == 9 and not again.plan.pending
+    assert store.path(layout.pair_part("s", 0)).stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize("k", [1, 3])

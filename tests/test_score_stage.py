@@ -22,12 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import describe, ingest, pair, score, selection
+from pipeline import ingest, layout, score, selection
+from pipeline.executor import run_stages
 from pipeline.recipe import parse_recipe
 from pipeline.score import embeddings as emb_io
 from pipeline.store import RunStore
 from pipeline.synthetic import draw_image
 from pipeline.tables import EXCLUDED, SCORES
+
+from runs import parts
 
 CLASSES = ["tomato leaf", "corn rust", "healthy wheat"]
 TAU = 0.99995
@@ -79,20 +82,14 @@ def make_recipe(tmp: Path, clip: Path, **score_kw):
     })
 
 
-def prepare(recipe, store: RunStore) -> list[tuple[str, Path]]:
+def prepare(recipe, store: RunStore) -> list[tuple[str, int]]:
     """Run every stage before score; returns (source, ingest part) of all sources."""
-    for part in ingest.plan(recipe, store):
-        ingest.run_part(recipe, store, part)
-    describe.run(recipe, store, describe.collect_classes(recipe, store))
-    for s, p in ingest.ingested_parts(store, recipe, role="train"):
-        pair.run_part(recipe, store, s, p)
+    run_stages(recipe, store, ["ingest", "describe", "pair"])
     return ingest.ingested_parts(store, recipe)
 
 
-def score_all(recipe, store: RunStore, units) -> None:
-    for s, p in units:
-        score.run_part(recipe, store, s, p)
-    score.finalize(recipe, store)
+def score_all(recipe, store: RunStore, units=None) -> dict:
+    return run_stages(recipe, store, ["score", "filter"])
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +108,16 @@ def _by_uid(table):
 
 def _ingest_rows(store: RunStore, source: str) -> list[dict]:
     rows = []
-    for p in store.parts("ingest", source):
+    for p in parts(store, "ingest", source):
         rows += pq.read_table(p, columns=["uid", "orig_id", "sha256", "status"]).to_pylist()
     return rows
 
 
 def test_selection_covers_every_pair_and_only_train(run):
     _, recipe, store, _ = run
-    sel = pq.read_table(selection.scores_path(store))
+    sel = pq.read_table(store.path(layout.SELECTION))
     assert sel.schema.equals(SCORES)
-    pairs = [u for s in ("plants", "farm") for p in store.parts("pair", s) for u in pq.read_table(p)["uid"].to_pylist()]
+    pairs = [u for s in ("plants", "farm") for p in parts(store, "pair", s) for u in pq.read_table(p)["uid"].to_pylist()]
     assert sorted(sel["uid"].to_pylist()) == sorted(pairs)
     eval_uids = {r["uid"] for r in _ingest_rows(store, "bench")}
     assert not eval_uids & set(sel["uid"].to_pylist())
@@ -132,7 +129,7 @@ def test_selection_covers_every_pair_and_only_train(run):
 
 def test_planted_copies_are_removed_with_reasons(run):
     _, _, store, _ = run
-    sel = _by_uid(pq.read_table(selection.scores_path(store)))
+    sel = _by_uid(pq.read_table(store.path(layout.SELECTION)))
     plants = {r["orig_id"]: r["uid"] for r in _ingest_rows(store, "plants")}
     farm = {r["orig_id"]: r["uid"] for r in _ingest_rows(store, "farm")}
     p = [plants[f"{CLASSES[i % 3]}/{i // 3:06d}"] for i in range(6)]
@@ -160,20 +157,20 @@ def test_planted_copies_are_removed_with_reasons(run):
 
 def test_excluded_rows_and_summary(run):
     _, _, store, _ = run
-    sel = pq.read_table(selection.scores_path(store))
+    sel = pq.read_table(store.path(layout.SELECTION))
     dropped = {r["uid"]: r["drop_reason"] for r in sel.to_pylist() if not r["keep"]}
-    ex = pq.read_table(store.path("excluded", "score", "global.parquet"))
+    ex = pq.read_table(store.path(layout.excluded("filter", "all")))
     assert ex.schema.equals(EXCLUDED)
     assert {r["uid"]: r["drop_reason"] for r in ex.to_pylist()} == dropped  # no per-row drops in this run
     assert all(r["detail"] for r in ex.to_pylist())
-    summary = json.loads(store.path("stats", "score_summary.json").read_text())
+    summary = json.loads(store.path(layout.SCORE_SUMMARY).read_text())
     assert summary["total"] == sel.num_rows and summary["kept"] == sum(sel["keep"].to_pylist())
     assert summary["dropped"] == {"duplicate_exact": 1, "duplicate_near": 2, "eval_contamination": 1}
     assert sum(v["total"] for v in summary["by_source"].values()) == sel.num_rows
     assert set(summary["histograms"]) == {"crops", "livestock"}
     for h in summary["histograms"].values():
         assert sum(h["all"]) == h["pairs"] and sum(h["kept_hist"]) == h["kept"]
-    stats = store.read_unit_stats("filter", "all")
+    stats = store.read_stats("filter")
     assert stats.total == sel.num_rows and stats.kept == summary["kept"]
     rows = score.summary_rows(summary)
     assert rows[-1]["source"] == "ALL" and rows[-1]["kept"] == summary["kept"]
@@ -185,7 +182,7 @@ def test_embeddings_in_clip_retrieval_layout(run):
     imgs = sorted((root / "img_emb").glob("img_emb_*.npy"))
     texts = sorted((root / "text_emb").glob("text_emb_*.npy"))
     metas = sorted((root / "metadata").glob("metadata_*.parquet"))
-    train_parts = [(s, p) for s, p in units if s != "bench"]
+    train_parts = [(s, i) for s, i in units if s != "bench"]
     assert len(imgs) == len(texts) == len(metas) == len(train_parts)
     for fi, ft, fm in zip(imgs, texts, metas):
         assert fi.stem.split("_")[-1] == ft.stem.split("_")[-1] == fm.stem.split("_")[-1]
@@ -206,7 +203,7 @@ def test_embeddings_in_clip_retrieval_layout(run):
 def test_best_of_k_picks_the_highest_candidate(run, tiny_clip_dir):
     _, recipe, store, _ = run
     enc = score.get_encoder(str(tiny_clip_dir), "auto", "auto", 4)
-    part = store.parts("ingest", "plants")[0]
+    part = parts(store, "ingest", "plants")[0]
     rows = pq.read_table(part).to_pylist()
     pairs = pq.read_table(store.path("pair", "plants", part.name)).to_pylist()
     scored = _by_uid(pq.read_table(store.path("score", "plants", part.name)))
@@ -219,35 +216,35 @@ def test_best_of_k_picks_the_highest_candidate(run, tiny_clip_dir):
         assert scored[r["uid"]]["clip_score"] == pytest.approx(float(s.max()), abs=1e-5)
     # Each distinct caption was encoded once across all parts (class templates are shared).
     st = store.read_stats("score")
-    n_unique = len({c for s in ("plants", "farm") for p in store.parts("pair", s)
+    n_unique = len({c for s in ("plants", "farm") for p in parts(store, "pair", s)
                     for cs in pq.read_table(p)["candidates"].to_pylist() for c in cs})
     assert 0 < st.counters["texts_encoded"] <= n_unique
-    n_cands = sum(len(cs) for s in ("plants", "farm") for p in store.parts("pair", s)
+    n_cands = sum(len(cs) for s in ("plants", "farm") for p in parts(store, "pair", s)
                   for cs in pq.read_table(p)["candidates"].to_pylist())
     assert st.counters["pairs_scored"] == n_cands and st.counters["images_embedded"] == 18
 
 
 def test_rerun_skips_and_threshold_change_redecides_without_reembedding(run, tiny_clip_dir):
     tmp, recipe, store, units = run
-    sel_before = selection.scores_path(store).read_bytes()
+    sel_before = store.path(layout.SELECTION).read_bytes()
     mtimes = {f: f.stat().st_mtime_ns for f in store.path("score", "embeddings").rglob("*.npy")}
     score_all(recipe, store, units)
-    assert selection.scores_path(store).read_bytes() == sel_before
+    assert store.path(layout.SELECTION).read_bytes() == sel_before
     # A min_score between the scores: parts re-decide from stored scores, embeddings are untouched.
-    scores = pq.read_table(selection.scores_path(store))["clip_score"].to_numpy()
+    scores = pq.read_table(store.path(layout.SELECTION))["clip_score"].to_numpy()
     cut = float(np.median(scores))
     r2 = make_recipe(tmp, tiny_clip_dir, min_score=cut)
     score_all(r2, store, units)
     assert {f: f.stat().st_mtime_ns for f in store.path("score", "embeddings").rglob("*.npy")} == mtimes
-    sel = pq.read_table(selection.scores_path(store)).to_pylist()
+    sel = pq.read_table(store.path(layout.SELECTION)).to_pylist()
     low = [r for r in sel if r["clip_score"] < cut]
     assert low and all(not r["keep"] and r["drop_reason"] == "low_clip_score" for r in low)
-    part_ex = [r for s in ("plants", "farm") for p in store.parts("ingest", s)
-               for r in pq.read_table(store.path("excluded", "score", s, p.name)).to_pylist()]
+    part_ex = [r for s in ("plants", "farm") for p in parts(store, "ingest", s)
+               for r in pq.read_table(store.path(layout.excluded("score", f"{s}/{p.stem}"))).to_pylist()]
     assert {r["uid"] for r in part_ex} == {r["uid"] for r in low}
     # Back to the original settings: the original selection, byte for byte.
     score_all(recipe, store, units)
-    assert selection.scores_path(store).read_bytes() == sel_before
+    assert store.path(layout.SELECTION).read_bytes() == sel_before
 
 
 def test_top_fraction_per_source(tmp_path, tiny_clip_dir):
@@ -255,7 +252,7 @@ def test_top_fraction_per_source(tmp_path, tiny_clip_dir):
                          dedup={"exact": False, "near_cosine": None}, decontaminate=False)
     store = RunStore(tmp_path / "run")
     score_all(recipe, store, prepare(recipe, store))
-    sel = pq.read_table(selection.scores_path(store)).to_pylist()
+    sel = pq.read_table(store.path(layout.SELECTION)).to_pylist()
     for src, n in (("plants", 12), ("farm", 6)):
         uids = {r["uid"] for r in _ingest_rows(store, src)}
         rows = [r for r in sel if r["uid"] in uids]
@@ -265,28 +262,36 @@ def test_top_fraction_per_source(tmp_path, tiny_clip_dir):
         assert {r["drop_reason"] for r in rows if not r["keep"]} == {"below_top_fraction"}
 
 
-def test_finalize_refuses_unscored_parts(tmp_path, tiny_clip_dir):
-    recipe = make_recipe(tmp_path, tiny_clip_dir)
+def test_deleted_embedding_reruns_its_part_only(tmp_path, tiny_clip_dir):
+    recipe = make_recipe(tmp_path, tiny_clip_dir, dedup={"exact": True, "near_cosine": None})
     store = RunStore(tmp_path / "run")
-    units = prepare(recipe, store)
-    score.run_part(recipe, store, *units[0])
-    with pytest.raises(RuntimeError, match="run pipeline.score.run_part"):
-        score.finalize(recipe, store)
+    prepare(recipe, store)
+    score_all(recipe, store)
+    sel = store.path(layout.SELECTION).read_bytes()
+    n = score.part_number(recipe, "plants", 1)
+    store.path(layout.embedding_files("train", n)["img"]).unlink()
+    rep = score_all(recipe, store)
+    assert [p.name for p in rep["score"].plan.pending] == ["plants/part-00001"]
+    assert store.path(layout.SELECTION).read_bytes() == sel  # same bytes again: filter had nothing to redo
+    assert not rep["filter"].plan.pending
 
 
 _CHILD = """
 import sys, time
 from pathlib import Path
-from pipeline import score
+from pipeline.executor import Executor, drive, local_mapper
 from pipeline.recipe import Recipe
 from pipeline.store import RunStore
 recipe = Recipe.model_validate_json(Path(sys.argv[1]).read_text())
-store = RunStore(sys.argv[2])
-for line in Path(sys.argv[3]).read_text().splitlines():
-    s, p = line.split("\\t")
-    score.run_part(recipe, store, s, Path(p))
-    time.sleep(0.2)
-score.finalize(recipe, store)
+ex = Executor(recipe, RunStore(sys.argv[2]))
+base = local_mapper(ex)
+def slow(stage, kind, items):  # a pause after each unit, so the parent can kill between units
+    out = []
+    for it in items:
+        out += base(stage, kind, [it])
+        time.sleep(0.2)
+    return out
+drive(ex, ["score", "filter"], mapper=slow)
 """
 
 
@@ -298,10 +303,9 @@ def test_resume_after_kill_gives_identical_selection(tmp_path, tiny_clip_dir):
     store = RunStore(tmp_path / "run")
     units = prepare(recipe, store)
     (tmp_path / "recipe.json").write_text(recipe.model_dump_json())
-    (tmp_path / "units.tsv").write_text("\n".join(f"{s}\t{p}" for s, p in units))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "recipe.json"), str(store.root),
-                             str(tmp_path / "units.tsv")], env=env)
+                             ], env=env)
     done = store.path("done", "score")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

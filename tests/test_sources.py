@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import ingest, sources
+from pipeline import ingest, layout, sources
+from pipeline.executor import run_stages
 from pipeline.recipe import parse_recipe
 from pipeline.store import RunStore
 from tests.hostile import write_hostile_folder
@@ -26,10 +27,9 @@ def _recipe(src: dict, **kw):
 
 
 def _ingest_all(r, store) -> pa.Table:
-    parts = ingest.plan(r, store)
-    for p in parts:
-        ingest.run_part(r, store, p)
-    return pa.concat_tables(pq.read_table(p) for _, p in ingest.ingested_parts(store, r))
+    run_stages(r, store, ["ingest"])
+    return pa.concat_tables(pq.read_table(store.path(layout.ingest_part(s, i)))
+                            for s, i in ingest.ingested_parts(store, r))
 
 
 def test_imagefolder_hostile_corpus_every_sample_accounted(tmp_path):

@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import describe, ingest, pair
+from pipeline import describe, ingest, layout, pair
+from pipeline.executor import run_stages
 from pipeline.recipe import Recipe, parse_recipe
 from pipeline.store import RunStore, write_json_atomic
 
@@ -58,8 +59,8 @@ def write_shards(recipe: Recipe, store: RunStore, per_shard: int = 100) -> dict[
     from pipeline.write.wds import write_wds_shard
 
     rows = []
-    for source, path in ingest.ingested_parts(store, recipe, role="train"):
-        t = pq.read_table(path)
+    for source, i in ingest.ingested_parts(store, recipe, role="train"):
+        t = pq.read_table(store.path(layout.ingest_part(source, i)))
         pairs, _, _ = pair.pair_table(t, describe.load_kept(store), 4, recipe.seed, llm=False)
         cap = dict(zip(pairs["uid"].to_pylist(), pairs["candidates"].to_pylist()))
         rows += [{**r, "caption": cap[r["uid"]][0], "caption_source": "template", "repeat": 0, "clip_score": None}
@@ -77,9 +78,7 @@ def write_shards(recipe: Recipe, store: RunStore, per_shard: int = 100) -> dict[
 def build_run(root: Path, recipe: Recipe) -> RunStore:
     """Ingest every source, describe its classes (template backend) and write the train shards."""
     store = RunStore(root)
-    for part in ingest.plan(recipe, store):
-        ingest.run_part(recipe, store, part)
-    describe.run(recipe, store, describe.collect_classes(recipe, store))
+    run_stages(recipe, store, ["ingest", "describe"])
     write_shards(recipe, store)
     return store
 

@@ -7,8 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import describe, ingest, pair
+import shutil
+
 from pipeline import write as writer
+from pipeline.executor import run_stages
 from pipeline.recipe import parse_recipe
 from pipeline.store import RunStore
 from pipeline.tables import MANIFEST
@@ -38,12 +40,8 @@ def small_run(tmp_path_factory):
         "ingest": {"part_size": 7}, "score": {"enabled": False}, "mix": {"enabled": False},
         "write": {"samples_per_shard": 10}})
     store = RunStore(root)
-    for p in ingest.plan(r, store):
-        ingest.run_part(r, store, p)
-    describe.run(r, store, describe.collect_classes(r, store))
-    for s, p in ingest.ingested_parts(store, r, "train"):
-        pair.run_part(r, store, s, p)
-    writer.write_all(r, store, {"describe": "template"})
+    run_stages(r, store, ["ingest", "describe", "pair"])
+    writer.write_all(r, store)
     return r, store, writer.load_plan(store)
 
 
@@ -53,14 +51,14 @@ def test_counts_keys_and_sidecars_agree(small_run):
     r, store, plan = small_run
     wdir = store.path("shards", "wds")
     sizes = json.loads((wdir / "sizes.json").read_text())
-    assert plan.n_samples == 23 and plan.n_shards == 3 and sum(sizes.values()) == 23
+    assert plan["n_samples"] == 23 and plan["n_shards"] == 3 and sum(sizes.values()) == 23
     all_uids = []
     for name, n in sizes.items():
         stem = name[:-4]
         samples = list(wds.WebDataset(str(wdir / name), shardshuffle=False, empty_check=False))
         side = pq.read_table(wdir / f"{stem}.parquet")
         stats = json.loads((wdir / f"{stem}_stats.json").read_text())
-        hf = pq.read_table(store.path("shards", "hf", "data", f"train-{stem}-of-{plan.n_shards:05d}.parquet"))
+        hf = pq.read_table(store.path("shards", "hf", "data", f"train-{stem}-of-{plan['n_shards']:05d}.parquet"))
         keys = [s["__key__"] for s in samples]
         assert keys == side["key"].to_pylist() == hf["key"].to_pylist()
         assert len(keys) == n == stats["count"] == stats["successes"]
@@ -98,12 +96,10 @@ def test_rewrite_is_byte_identical_and_skips(small_run):
     r, store, plan = small_run
     wdir = store.path("shards", "wds")
     before = {p.name: p.read_bytes() for p in wdir.iterdir()}
-    store.clear_done("write")
-    plan2 = writer.plan(r, store)
-    assert plan2.fingerprint == plan.fingerprint
-    for s, p in ingest.ingested_parts(store, r, "train"):
-        writer.route_part(r, store, plan2, s, p)
-    for i in range(plan2.n_shards):
-        writer.write_shard(r, store, plan2, i)
-    writer.finalize(r, store, plan2, {"describe": "template"})
+    again = run_stages(r, store, [writer.PLAN_STAGE, writer.STAGE, writer.INDEX_STAGE])
+    assert all(not rep.plan.pending for rep in again.values())  # done: nothing runs
+    shutil.rmtree(store.path("done", "write"))  # forget the shard markers: every shard is rewritten
+    again = run_stages(r, store, [writer.PLAN_STAGE, writer.STAGE, writer.INDEX_STAGE])
+    assert len(again[writer.STAGE].plan.pending) == plan["n_shards"] and not again[writer.INDEX_STAGE].plan.pending
     assert {p.name: p.read_bytes() for p in wdir.iterdir()} == before
+    assert not store.path("write", "_spool").exists()

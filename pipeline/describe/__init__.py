@@ -85,6 +85,12 @@ def describe_classes(cfg: DescribeConfig, store: RunStore, classes: list[ClassIn
     if classes and len(failed) == len(classes) and stats.kept == 0:
         reasons = sorted({r for rs in failed.values() for r in rs})
         raise RuntimeError(f"describe: every class failed ({len(classes)}); nothing written. Reasons: {reasons[:3]}")
+    if failed:
+        names = ", ".join(f"{d}/{c}" for d, c in sorted(failed)[:20]) + (" ..." if len(failed) > 20 else "")
+        example = next(iter(sorted(failed.items())))[1][0]
+        log.error("describe: %d of %d classes FAILED (some of their requests kept failing, e.g. %r): %s. "
+                  "Their missing samples are recorded as request_failed; the other classes are complete. "
+                  "Re-run the stage to retry only what is missing.", len(failed), len(classes), example, names)
     return table
 
 
@@ -120,11 +126,6 @@ class DescribeStage(Stage):
         ctx.info["classes"] = len(classes)
         ctx.info["failed_classes"] = sorted(f"{d}/{c}" for d, c in failed)
         if failed:
-            names = ", ".join(f"{d}/{c}" for d, c in sorted(failed)[:20]) + (" ..." if len(failed) > 20 else "")
-            example = next(iter(sorted(failed.items())))[1][0]
-            log.error("describe: %d of %d classes FAILED (some of their requests kept failing, e.g. %r): %s. "
-                      "Their missing samples are recorded as request_failed; the other classes are complete. "
-                      "Re-run the stage to retry only what is missing.", len(failed), len(classes), example, names)
             ctx.mark_incomplete(f"{len(failed)} of {len(classes)} classes failed")
 
 
