@@ -6,7 +6,9 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import typer
 from .cli_util import load_recipe_or_exit, parse_sets
@@ -40,6 +42,33 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+class _DropTraceback(logging.Filter):
+    """Keep Prefect's failure lines but not the traceback of an error the CLI states in one line."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, self.types):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def _no_traceback_for(types: tuple[type[BaseException], ...]) -> Iterator[None]:
+    f = _DropTraceback(types)
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
+
+
 @app.command()
 def build(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
@@ -55,9 +84,11 @@ def build(
 
     from .describe.llm import DescribeError
 
+    clear = (RecipeError, ValueError, OSError, DescribeError)  # OSError: a full disk, an unwritable --out
     try:
-        result = build_alive(str(recipe), str(out), overrides or None, progress)
-    except (RecipeError, ValueError, OSError, DescribeError) as e:  # OSError: a full disk, an unwritable --out
+        with _no_traceback_for(clear):
+            result = build_alive(str(recipe), str(out), overrides or None, progress)
+    except clear as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     _print_summary(result)

@@ -86,9 +86,10 @@ def _a(word: str) -> str:
 class Scripted:
     """Canned but varied descriptions that mention the class, with the junk real models add."""
 
-    def __init__(self, classes: Optional[list[str]] = None, junk: bool = True):
+    def __init__(self, classes: Optional[list[str]] = None, junk: bool = True, salt: str = ""):
         self.classes = sorted(classes or [], key=len, reverse=True)
         self.junk = junk
+        self.salt = salt  # another model name: other sentences for the same prompts
 
     def subject(self, prompt: str) -> str:
         low = prompt.lower()
@@ -99,7 +100,7 @@ class Scripted:
         return m.group(1) if m else "subject"
 
     def sample(self, prompt: str, seed: Any, index: int, max_tokens: int) -> tuple[str, str]:
-        rng = random.Random(hashlib.sha256(f"{prompt}|{seed}|{index}".encode()).digest())
+        rng = random.Random(hashlib.sha256(f"{self.salt}{prompt}|{seed}|{index}".encode()).digest())
         c = self.subject(prompt)
         cap = c[0].upper() + c[1:]
         sents = [
@@ -254,7 +255,7 @@ class LLMServer:
         self.delay = delay
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
-        self.scripted = Scripted(classes, junk=junk)
+        self.scripted = Scripted(classes, junk=junk, salt="" if model_name == TINY_LM_NAME else f"{model_name}|")
         self.lm = TinyLM(build_tiny_lm(model_dir), max_batch, threads) if mode == "tiny" else None
         self.faults: deque[str] = deque()
         self.fail_when: dict[str, str] = {}

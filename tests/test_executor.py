@@ -213,3 +213,15 @@ def test_every_stage_redoes_a_deleted_or_truncated_output(finished, tmp_path, st
     assert target.is_file()
     if stage not in _NOT_BYTE_STABLE:
         assert target.read_bytes() == original, rel
+
+
+def test_only_transient_errors_are_retried():
+    import errno
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pipeline.executor import is_transient
+
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError()) and is_transient(BrokenProcessPool())
+    assert is_transient(OSError(errno.EIO, "i/o error"))
+    assert not is_transient(OSError(errno.ENOSPC, "no space left", "x"))
+    assert not is_transient(ValueError("bad recipe")) and not is_transient(FileNotFoundError("gone"))

@@ -162,7 +162,7 @@ class Expect:
         def n(stage: str, sub: str = "") -> int:
             return len(list((out / "done" / stage / sub).rglob("*.json")))
 
-        return cls(n("ingest"), n("pair"), n("score"), n("write", "shard"))
+        return cls(n("ingest"), n("pair"), n("score"), n("write"))
 
 
 def observe_stage(out: Path, exp: Expect) -> str:
@@ -185,10 +185,10 @@ def observe_stage(out: Path, exp: Expect) -> str:
         return "filter"
     if not (done / "mix" / "all.json").exists():
         return "mix"
-    if n("write", "shard") < exp.shards or not (out / "shards" / "hf" / "README.md").exists() \
-            or not (out / "summary.json").exists():
+    if n("write") < exp.shards or not (out / "shards" / "hf" / "README.md").exists() \
+            or not (out / "shards" / "wds" / "sizes.json").exists():
         return "write"
-    if not (out / "report" / "index.html").exists():
+    if not (out / "report" / "index.html").exists() or not (out / "summary.json").exists():
         return "report"
     return "finished"
 

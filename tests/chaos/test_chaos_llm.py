@@ -72,7 +72,8 @@ def test_llm_faults_then_rerun_fills_gaps_from_cache(tmp_path, prefect_harness, 
                 assert "HTTP 500" in rows[0]["reject_reason"]
             else:
                 assert not failed and any(r["kept"] for r in rows), c
-        assert not (out / "done" / "describe" / "all.json").exists()  # not done: the next run retries
+        marker = json.loads((out / "done" / "describe" / "all.json").read_text())
+        assert marker["complete"] is False  # not done: the next run retries
         assert "FAILED" in text or "failed" in text
         in_shards = _classes_in_shards(out)
         assert FAILING not in in_shards and in_shards  # the failed class is left out, the rest is written
@@ -89,7 +90,7 @@ def test_llm_faults_then_rerun_fills_gaps_from_cache(tmp_path, prefect_harness, 
         assert not {e["digest"] for e in second} & answered, "an answered request was asked again"
         n_questions = len({r["question_id"] for r in by_class[FAILING]})
         assert len(second) == n_questions and all(e["status"] == 200 for e in second)
-        assert (out / "done" / "describe" / "all.json").exists()
+        assert json.loads((out / "done" / "describe" / "all.json").read_text())["complete"] is True
         ref = pq.read_table(reference["out"] / "describe" / "descriptions.parquet")
         assert pq.read_table(out / "describe" / "descriptions.parquet").equals(ref)
         assert _classes_in_shards(out)[FAILING] > 0
