@@ -305,8 +305,8 @@ def test_ray_runner_writes_the_same_bytes(built, tmp_path):
     finally:
         ray.shutdown()
     assert res["samples"] == built["result"]["samples"]
-    # timings (stats, summary, report) and the run's own bookkeeping differ by nature; data must not
-    skip = ("stats/", "summary.json", "report/", "upload/", "recipe.resolved.yaml")
+    # timings (stats, markers, summary, report) and the run's own bookkeeping differ by nature; data must not
+    skip = ("stats/", "done/", "summary.json", "report/", "upload/", "recipe.resolved.yaml")
     local, remote = _tree(built["out"], skip), _tree(out, skip)
     assert sorted(local) == sorted(remote)
     differ = [k for k in local if local[k] != remote[k]]
