@@ -144,7 +144,6 @@ class Objective:
         """DINO loss of one micro-batch's views plus AgriCLIP's alignment term (weighted)."""
         cfg = self.cfg.dino
         branch = self.heads["dino"]
-        b = views[0].shape[0]
         glob = torch.cat(views[:2])
         feat_g = model.vision_model(pixel_values=glob).pooler_output
         student = list(branch.head(feat_g).chunk(2))
@@ -156,8 +155,9 @@ class Objective:
         teacher = list(self.teacher(glob).chunk(2))
         self._teacher_out += teacher
         ld = dino_loss(student, teacher, self.teacher.center, cfg.student_temp, teacher_temp(cfg, self.step))
-        la = align_loss(branch.aligner(feat_g), img_embeds.detach().repeat(2, 1)[: 2 * b])
-        return cfg.weight * ld + cfg.align_weight * la, {"loss_dino": float(ld.detach()), "loss_align": float(la.detach())}
+        la = align_loss(branch.aligner(feat_g), img_embeds.detach().repeat(2, 1))  # both global crops
+        terms = {"loss_dino": float(ld.detach()), "loss_align": float(la.detach())}
+        return cfg.weight * ld + cfg.align_weight * la, terms
 
     def end_of_step(self) -> None:
         """Fold this step's teacher outputs into the centre (before the optimizer step; DINO's order)."""

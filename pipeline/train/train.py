@@ -111,7 +111,8 @@ def _embed(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor"
 
 
 def train_step(model: Any, micro: list[dict[str, Any]], device: "torch.device",  # noqa: F821
-               dtype: Optional["torch.dtype"], scaler: Any, objective: Optional[Objective] = None) -> float:  # noqa: F821
+               dtype: Optional["torch.dtype"], scaler: Any,  # noqa: F821
+               objective: Optional[Objective] = None) -> float:
     """Forward/backward of one optimizer step over ``micro`` batches; returns the step's loss.
 
     With several micro-batches, embeddings of all of them are computed without gradients first; each
