@@ -130,6 +130,33 @@ def test_teacher_ema_and_centre_updates():
     assert torch.allclose(teacher.center, torch.tensor([[0.2, 0.3]]))  # 0.1 * mean([1, 2], [3, 4])
 
 
+def test_multi_crop_views_are_seeded_and_follow_the_kept_samples():
+    import io
+    import random
+
+    from PIL import Image
+
+    from pipeline.stats import StageStats
+    from pipeline.train import data as D
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    spec, crops = D.ImageSpec(32), D.CropSpec(n_local=3, local_size=16)
+    views = D.multi_crop(buf.getvalue(), spec, crops, random.Random(1))
+    assert [v.shape for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    again = D.multi_crop(buf.getvalue(), spec, crops, random.Random(1))
+    assert all(np.array_equal(a, b) for a, b in zip(views, again))
+    assert not np.array_equal(views[0], views[1])  # two different global crops
+    batch = [D.RawSample("a", buf.getvalue(), "x"), D.RawSample("bad", b"not an image", "y"),
+             D.RawSample("b", buf.getvalue(), "z")]
+    stats = StageStats("train")
+    pix, caps, vs = D.preprocess_batch_views(batch, spec, 0, 0, stats, D.RateLimitedLog(D.log), None, True, crops)
+    assert caps == ["x", "z"] and pix.shape == (2, 3, 32, 32) and stats.dropped["failed_to_decode"] == 1
+    assert len(vs) == 5 and vs[0].shape == (2, 3, 32, 32) and vs[4].shape == (2, 3, 16, 16)
+    pix2, caps2 = D.preprocess_batch(batch, spec, 0, 0, StageStats("train"), D.RateLimitedLog(D.log), None, True)
+    assert np.array_equal(pix, pix2) and caps2 == caps  # the views never change the contrastive view
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
