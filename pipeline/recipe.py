@@ -328,6 +328,10 @@ class DinoConfig(_Model):
     momentum_teacher: float = Field(
         0.996, ge=0, le=1, description="EMA momentum of the teacher at step 0; cosine-increased to 1 at the end."
     )
+    freeze_last_layer_steps: Optional[int] = Field(
+        None, ge=0, description="Keep the head's last layer fixed for this many steps (DINO: the first epoch); "
+                                "None = one epoch of optimizer steps."
+    )
 
     @field_validator("global_scale", "local_scale")
     @classmethod

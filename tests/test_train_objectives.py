@@ -222,6 +222,13 @@ def test_dino_branch_trains_the_image_tower_not_the_teacher(tiny_model):
     # the centre moved (towards the teacher's mean output); the weights wait for the optimizer step
     assert not torch.equal(obj.teacher.center, before["center"])
     assert all(torch.equal(v, before[k]) for k, v in obj.teacher.state_dict().items() if k != "center")
+    last = obj.heads["dino"].head.last
+    obj.step = 1
+    obj.cancel_last_layer_grad(1)  # past the frozen steps: the prototypes learn
+    assert last.grad is not None and last.grad.abs().sum() > 0
+    obj.step = 0
+    obj.cancel_last_layer_grad(1)  # DINO keeps them fixed during the first steps
+    assert last.grad is None
     obj.after_optimizer_step(loaded.model)  # EMA: the student did not move, so neither does the teacher
     w = "vision_model.embeddings.patch_embedding.weight"
     torch.testing.assert_close(obj.teacher.state_dict()[w], before[w])

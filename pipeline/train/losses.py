@@ -165,6 +165,11 @@ class Objective:
             self.teacher.update_center(self._teacher_out, self.cfg.dino.center_momentum)
         self._teacher_out = []
 
+    def cancel_last_layer_grad(self, freeze_steps: int) -> None:
+        """DINO's ``cancel_gradients_last_layer``: no update of the prototypes during the first steps."""
+        if self.teacher is not None and self.step < freeze_steps:
+            self.heads["dino"].head.last.grad = None
+
     def after_optimizer_step(self, model: Any) -> None:
         """DINO's EMA update of the teacher from the student just stepped."""
         if self.teacher is not None:

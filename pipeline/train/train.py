@@ -554,6 +554,9 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
              "%d trainable params", plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
              cfg.grad_accum, plan.lr, plan.warmup_steps, device, dtype or "fp32", cfg.loss, cfg.ssl, trainable)
     all_params = list(model.parameters()) + list(objective.heads.parameters())
+    freeze_last = cfg.dino.freeze_last_layer_steps
+    if freeze_last is None:
+        freeze_last = plan.steps_per_epoch
 
     def optimizer_step(micro: list[Micro], lr: float) -> float:
         for g in optimizer.param_groups:
@@ -570,6 +573,7 @@ def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
         loss = train_step(model, batch, device, dtype, scaler, objective)
         if not math.isfinite(loss):
             raise FloatingPointError(f"train: loss is {loss} at step {step}; lower train.lr or use precision fp32/bf16")
+        objective.cancel_last_layer_grad(freeze_last)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.grad_clip is not None:
