@@ -3,8 +3,13 @@
 Streams ``shards/wds/*.tar`` (counts from ``sizes.json``), AdamW with warmup + cosine, gradient
 accumulation over a shared feature cache (every micro-batch sees the negatives of the whole step, as
 open_clip's ``accum_freq``), autocast on GPU, an optional locked tower (LiT), safetensors checkpoints
-that a killed run resumes from (model + optimizer + step + stream position), ``train/metrics.jsonl``
-and the final model saved with ``save_pretrained`` in ``train/final``.
+that a killed run resumes from (model + optimizer + step + stream position, and with the objectives
+below their heads and DINO's teacher), ``train/metrics.jsonl`` and the final model saved with
+``save_pretrained`` in ``train/final``.
+
+The objective (:mod:`pipeline.train.losses`): ``train.loss: clip`` (InfoNCE) or ``dalip`` (DALIP's
+token-mean and MBDC terms on top), and ``train.ssl: dino`` (a DINO branch on the image tower with
+AgriCLIP's alignment term). Plain CLIP runs the original step unchanged.
 """
 
 from __future__ import annotations
