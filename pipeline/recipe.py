@@ -274,6 +274,79 @@ class WriteConfig(_Model):
     formats: list[Literal["webdataset", "hf"]] = Field(default_factory=lambda: ["webdataset", "hf"])
 
 
+class DalipConfig(_Model):
+    """DALIP's distribution alignment (Wu et al. 2025, github XavierHeart/DALIP), used when ``loss: dalip``.
+
+    The loss is ``clip_weight * InfoNCE(pooled) + mean_weight * InfoNCE(token means) +
+    mbdc_weight * InfoNCE(MBDC)``, all with CLIP's temperature. The repository's code weighs the pooled
+    term by alpha = 0.5 and the MBDC term by 1 - alpha; the token-mean term is the paper's first-order
+    statistic (``mean_weight: 0`` gives the repository's loss exactly).
+    """
+
+    clip_weight: float = Field(0.5, ge=0, description="Weight of the usual pooled-embedding contrastive loss.")
+    mean_weight: float = Field(0.5, ge=0, description="Weight of the contrastive loss over projected token means.")
+    mbdc_weight: float = Field(0.5, ge=0, description="Weight of the contrastive loss over MBDC embeddings.")
+    heads: int = Field(4, ge=1, description="MBDC heads: the embedding's channels are split into this many groups.")
+    mbdc_dim: Optional[int] = Field(
+        46, ge=2, description="Channels per head after the reduction layer (DALIP: 128 -> 46); None = no reduction."
+    )
+    dropout: float = Field(0.5, ge=0, lt=1, description="Channel dropout before the BDC matrix (DALIP: 0.5).")
+    eps: float = Field(1e-5, gt=0, description="Added under the square root of the BDC distances (DALIP: 1e-5).")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "DalipConfig":
+        if self.clip_weight + self.mean_weight + self.mbdc_weight <= 0:
+            raise ValueError("train.dalip: clip_weight, mean_weight and mbdc_weight are all 0; nothing to train")
+        return self
+
+
+class DinoConfig(_Model):
+    """DINO self-distillation on the image tower (Caron et al. 2021, facebookresearch/dino ``main_dino.py``
+    defaults) plus AgriCLIP's alignment of the self-supervised features with the contrastive embedding
+    (Nawaz et al. 2025, github umair1221/AgriCLIP), used when ``ssl: dino``.
+    """
+
+    weight: float = Field(1.0, gt=0, description="Weight of the DINO loss next to the contrastive loss.")
+    align_weight: float = Field(
+        1.0, ge=0, description="Weight of the alignment term: a linear map of the student's crop feature must "
+                               "match the (fixed) CLIP image embedding of the same image."
+    )
+    out_dim: int = Field(65536, ge=2, description="Prototypes of the DINO head (DINO: 65536).")
+    hidden_dim: int = Field(2048, ge=1, description="Hidden width of the head's 3-layer MLP.")
+    bottleneck_dim: int = Field(256, ge=1, description="Bottleneck before the weight-normalised last layer.")
+    local_crops: int = Field(8, ge=0, description="Small crops per image next to the 2 global crops (DINO: 8).")
+    global_scale: tuple[float, float] = Field((0.4, 1.0), description="Area range of the global crops.")
+    local_scale: tuple[float, float] = Field((0.05, 0.4), description="Area range of the local crops.")
+    local_size: Optional[int] = Field(
+        None, ge=1, description="Side of the local crops; None = 96/224 of the model's input side (DINO's ratio)."
+    )
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0, description="Teacher temperature after the warmup (sharpening).")
+    warmup_teacher_temp: float = Field(0.04, gt=0, description="Teacher temperature at step 0.")
+    teacher_temp_warmup_steps: int = Field(0, ge=0, description="Linear warmup of the teacher temperature.")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA of the teacher-output centre.")
+    momentum_teacher: float = Field(
+        0.996, ge=0, le=1, description="EMA momentum of the teacher at step 0; cosine-increased to 1 at the end."
+    )
+    freeze_last_layer_steps: Optional[int] = Field(
+        None, ge=0, description="Keep the head's last layer fixed for this many steps (DINO: the first epoch); "
+                                "None = one epoch of optimizer steps."
+    )
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale_ok(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"a crop scale is (low, high) with 0 < low <= high <= 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _head_ok(self) -> "DinoConfig":
+        if self.bottleneck_dim > self.hidden_dim:
+            raise ValueError(f"train.dino.bottleneck_dim {self.bottleneck_dim} exceeds hidden_dim {self.hidden_dim}")
+        return self
+
+
 class TrainConfig(_Model):
     """Contrastive fine-tune of a CLIP on the run's webdataset shards.
 
@@ -317,6 +390,21 @@ class TrainConfig(_Model):
     save_every: int = Field(500, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    loss: Literal["clip", "dalip"] = Field(
+        "clip", description="clip = InfoNCE over the pooled embeddings; dalip = DALIP's distribution alignment "
+                            "(token means + MBDC, settings in train.dalip)."
+    )
+    dalip: DalipConfig = Field(default_factory=DalipConfig)
+    ssl: Literal["none", "dino"] = Field(
+        "none", description="dino = AgriCLIP's self-supervised branch on the image tower (settings in train.dino)."
+    )
+    dino: DinoConfig = Field(default_factory=DinoConfig)
+
+    @model_validator(mode="after")
+    def _ssl_needs_vision(self) -> "TrainConfig":
+        if self.ssl == "dino" and self.freeze == "vision":
+            raise ValueError("train.ssl: dino trains the image tower, which train.freeze: vision locks; drop one")
+        return self
 
 
 class EvalConfig(_Model):

@@ -147,3 +147,38 @@ def test_cli_eval_and_train(tmp_path, tiny_clip_dir):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["eval", "--recipe", str(rec), "--out", str(out), "--set", "eval.bogus=1"])
     assert res.exit_code == 2 and "eval.bogus" in res.output
+
+
+def test_trained_configurations_side_by_side(tmp_path):
+    """Several fine-tuned models: one column each, a Δ against base each, their objectives named."""
+    for name, conf in (("clip", "clip"), ("dalip", "dalip"), ("old", None)):
+        d = tmp_path / name
+        d.mkdir()
+        if conf is not None:
+            (d / "train_summary.json").write_text(json.dumps({"configuration": conf}))
+    (tmp_path / "old" / "train_summary.json").write_text(json.dumps({"steps": 3}))  # before objectives: plain CLIP
+    assert E.training_configuration(str(tmp_path / "dalip")) == "dalip"
+    assert E.training_configuration(str(tmp_path / "old")) == "clip"
+    assert E.training_configuration("openai/clip-vit-base-patch32") is None
+    models = {"base": "b", "clip": str(tmp_path / "clip"), "dalip": str(tmp_path / "dalip")}
+    acc = {("base", "template"): 0.25, ("clip", "template"): 0.5, ("dalip", "template"): 0.75,
+           ("base", "descriptions"): 0.25, ("clip", "descriptions"): 0.5, ("dalip", "descriptions"): 0.5,
+           ("base", "both"): 0.25, ("clip", "both"): 0.625, ("dalip", "both"): 0.875}
+    doc = {
+        "models": models, "configurations": {k: E.training_configuration(v) for k, v in models.items()},
+        "classifiers": ["template", "descriptions", "both"], "description_note": "n",
+        "classifier_labels": {k: E.classifier_label(k, "openai") for k in ("template", "descriptions", "both")},
+        "tasks": [{"task": "a", "n_images": 8, "n_classes": 4}],
+        "results": [{"model": m, "task": "a", "classifier": c, "top1": v, "top5": 1.0} for (m, c), v in acc.items()],
+    }
+    doc["mean"] = E._means(doc["results"])
+    doc["rows"] = E.side_by_side(doc)
+    r = doc["rows"][0]
+    assert r["dalip_delta_top1"] == pytest.approx(0.5) and r["clip_delta_top1"] == pytest.approx(0.25)
+    assert "delta_top1" not in r  # no model named finetuned
+    md = E.markdown(doc)
+    assert "| Δ clip top-1 | Δ dalip top-1 |" in md
+    assert "| a | template | 8 | 4 | 25.0 | 50.0 | 75.0 | +25.0 | +50.0 |" in md
+    assert "| a | CuPL | 8 | 4 |" in md and "| a | combined | 8 | 4 | 25.0 | 62.5 | 87.5 | +37.5 | +62.5 |" in md
+    assert "(trained: dalip)" in md and "(trained: clip)" in md
+    assert E.classifier_label("descriptions", "template") == "descriptions (template baseline)"

@@ -36,16 +36,23 @@ train.run(Recipe.model_validate_json(Path(sys.argv[1]).read_text()), RunStore(sy
 """
 
 
+# DALIP heads + DINO teacher, EMA and centre: the state a resume must bring back besides the model's.
+OBJECTIVES = {"clip": {}, "dalip+dino": dict(loss="dalip", dalip={"mbdc_dim": 6}, ssl="dino",
+                                            dino={"out_dim": 256, "hidden_dim": 128, "bottleneck_dim": 32,
+                                                  "local_crops": 2})}
+
+
 @pytest.mark.slow
-def test_kill_9_mid_training_then_resume(tmp_path):
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_kill_9_mid_training_then_resume(tmp_path, objective):
     sys.path.insert(0, str(Path(__file__).parent))
     import test_train as T
 
     with T.one_torch_thread():
-        _drill(T, tmp_path)
+        _drill(T, tmp_path, OBJECTIVES[objective])
 
 
-def _drill(T, tmp_path: Path) -> None:
+def _drill(T, tmp_path: Path, objective: dict) -> None:
     import shutil
 
     from safetensors.numpy import load_file
@@ -53,7 +60,7 @@ def _drill(T, tmp_path: Path) -> None:
     from pipeline.train import train
 
     recipe = T.make_recipe(T.tiny_clip(tmp_path), batch_size=16, max_steps=14, save_every=2, log_every=1,
-                           warmup_steps=2)
+                           warmup_steps=2, **objective)
     base = T.build_run(tmp_path / "base", recipe)
     runs = {}
     for name in ("straight", "killed"):

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .. import layout
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune a CLIP on a run's shards; zero-shot eval.")
 
 
@@ -34,7 +36,7 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.epochs=2"),
     verbose: bool = typer.Option(True, help="Log progress."),
 ) -> None:
-    """Contrastive fine-tune of train.model on OUT/shards/wds -> OUT/train/final."""
+    """Fine-tune train.model on OUT/shards/wds (train.loss clip/dalip, train.ssl none/dino) -> OUT/train/final."""
     _logging(verbose)
     r, store = _load(recipe, out, set_)
     from .train import run
@@ -44,8 +46,8 @@ def train_cmd(
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    typer.echo(json.dumps({k: res[k] for k in ("steps", "samples_trained", "loss_first", "loss_last", "final_dir",
-                                                "resumed_from", "skipped")}, indent=2))
+    keys = ("configuration", "steps", "samples_trained", "loss_first", "loss_last", "final_dir", "resumed_from", "skipped")
+    typer.echo(json.dumps({k: res.get(k) for k in keys}, indent=2))
 
 
 @app.command("eval")
@@ -74,6 +76,6 @@ def eval_cmd(
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    typer.echo(store.path("eval", "results.md").read_text(encoding="utf-8"))
+    typer.echo(store.path(layout.EVAL_MARKDOWN).read_text(encoding="utf-8"))
     if res.get("skipped"):
         typer.echo("(unchanged inputs: results from the previous run)")

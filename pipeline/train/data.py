@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -231,6 +232,77 @@ def batches(samples: Iterable[RawSample], batch_size: int) -> Iterator[list[RawS
             buf = []
 
 
+@dataclass(frozen=True)
+class CropSpec:
+    """DINO's multi-crop: 2 global crops of the model's side and ``n_local`` smaller ones."""
+
+    n_local: int
+    local_size: int
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+def _random_resized_box(w: int, h: int, scale: tuple[float, float], rng: random.Random
+                        ) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop box: area share in ``scale`` of the image, log-uniform ratio 3/4-4/3."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = math.sqrt(target * ratio), math.sqrt(target / ratio)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            return x0, y0, x0 + cw, y0 + ch
+    side = min(w, h)  # torchvision's fallback: the centre crop
+    return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
+def _dino_view(im: Image.Image, side: int, scale: tuple[float, float], rng: random.Random, blur_p: float,
+               solarize_p: float, spec: ImageSpec) -> np.ndarray:
+    """One DINO augmentation (``DataAugmentationDINO``): random resized crop, flip, colour jitter
+    (brightness/contrast 0.4, saturation 0.2; no hue shift) with p 0.8, grayscale with p 0.2, Gaussian
+    blur (sigma 0.1-2) with ``blur_p``, solarisation with ``solarize_p``; then the model's normalisation."""
+    from PIL import ImageEnhance, ImageFilter, ImageOps
+
+    box = _random_resized_box(im.width, im.height, scale, rng)
+    v = im.resize((side, side), Image.Resampling.BICUBIC, box=box)
+    if rng.random() < 0.5:
+        v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.8:
+        jitter = [(ImageEnhance.Brightness, 0.4), (ImageEnhance.Contrast, 0.4), (ImageEnhance.Color, 0.2)]
+        rng.shuffle(jitter)
+        for enhancer, amount in jitter:
+            v = enhancer(v).enhance(rng.uniform(1 - amount, 1 + amount))
+    if rng.random() < 0.2:
+        v = v.convert("L").convert("RGB")
+    if rng.random() < blur_p:
+        v = v.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0) * side / 224))
+    if rng.random() < solarize_p:
+        v = ImageOps.solarize(v, 128)
+    arr = np.asarray(v, dtype=np.float32) * (1.0 / 255.0)
+    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def multi_crop(data: bytes, spec: ImageSpec, crops: CropSpec, rng: random.Random) -> list[np.ndarray]:
+    """DINO's views of one encoded image: [global 1, global 2, local 1..n], each a normalised CHW array.
+
+    Blur and solarisation follow DINO: global 1 always blurred, global 2 blurred with p 0.1 and
+    solarised with p 0.2, local crops blurred with p 0.5. The blur radius is scaled from DINO's 224 px.
+
+    Raises:
+        OSError / ValueError: undecodable bytes (the caller counts and skips the sample).
+    """
+    im = Image.open(io.BytesIO(data))
+    if im.format == "JPEG":
+        im.draft("RGB", (spec.size, spec.size))
+    im = im.convert("RGB")
+    views = [_dino_view(im, spec.size, crops.global_scale, rng, 1.0, 0.0, spec),
+             _dino_view(im, spec.size, crops.global_scale, rng, 0.1, 0.2, spec)]
+    views += [_dino_view(im, crops.local_size, crops.local_scale, rng, 0.5, 0.0, spec) for _ in range(crops.n_local)]
+    return views
+
+
 def preprocess_batch(batch: list[RawSample], spec: ImageSpec, seed: int, epoch: int, stats: StageStats,
                      warn: RateLimitedLog, pool: Optional[Executor] = None, augment: bool = True
                      ) -> tuple[np.ndarray, list[str]]:
@@ -238,20 +310,41 @@ def preprocess_batch(batch: list[RawSample], spec: ImageSpec, seed: int, epoch: 
 
     The random crop of a sample is seeded by (seed, epoch, key), so it is the same on a resumed run.
     """
+    pix, caps, _ = preprocess_batch_views(batch, spec, seed, epoch, stats, warn, pool, augment)
+    return pix, caps
 
-    def one(s: RawSample) -> Optional[np.ndarray]:
+
+def preprocess_batch_views(batch: list[RawSample], spec: ImageSpec, seed: int, epoch: int, stats: StageStats,
+                           warn: RateLimitedLog, pool: Optional[Executor] = None, augment: bool = True,
+                           crops: Optional[CropSpec] = None
+                           ) -> tuple[np.ndarray, list[str], Optional[list[np.ndarray]]]:
+    """:func:`preprocess_batch` plus, with ``crops``, DINO's views of the same samples.
+
+    Returns:
+        (pixels [n, 3, S, S], captions, views or None): ``views[v]`` holds view ``v`` of every kept
+        sample ([n, 3, s_v, s_v]; the two global views first). The views of a sample are seeded by
+        (seed, epoch, key) like its crop, so a resumed run cuts the same ones.
+    """
+
+    def one(s: RawSample) -> Optional[tuple[np.ndarray, Optional[list[np.ndarray]]]]:
         rng = random.Random(f"{seed}:{epoch}:{s.key}") if augment else None
         try:
-            return preprocess(s.jpg, spec, rng)
+            arr = preprocess(s.jpg, spec, rng)
+            views = multi_crop(s.jpg, spec, crops, random.Random(f"dino:{seed}:{epoch}:{s.key}")) if crops else None
+            return arr, views
         except Exception as e:  # any decoder error: one bad sample never kills a run
             stats.drop("failed_to_decode", example=f"{s.key}: {e}")
             warn.warning("failed_to_decode", f"sample {s.key}: cannot decode image ({e}); skipped")
             return None
 
     mapper: Callable = pool.map if pool is not None else map
-    arrays = list(mapper(one, batch))
-    keep = [i for i, a in enumerate(arrays) if a is not None]
+    results = list(mapper(one, batch))
+    keep = [i for i, a in enumerate(results) if a is not None]
     stats.kept += len(keep)
     if not keep:
-        return np.zeros((0, 3, spec.size, spec.size), np.float32), []
-    return np.stack([arrays[i] for i in keep]), [batch[i].caption for i in keep]
+        return np.zeros((0, 3, spec.size, spec.size), np.float32), [], None
+    pix = np.stack([results[i][0] for i in keep])
+    views = None
+    if crops is not None:
+        views = [np.stack([results[i][1][v] for i in keep]) for v in range(2 + crops.n_local)]
+    return pix, [batch[i].caption for i in keep], views

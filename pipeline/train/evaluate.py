@@ -9,7 +9,10 @@ prompt ensembling; CuPL when the sentences are the describe stage's class descri
   labelled so; an LLM backend = CuPL). A class without any falls back to its templates (counted);
 - ``both``: the two sets together.
 
-Writes ``eval/results.json``, ``eval/results.md`` and the bar chart ``eval/zero_shot.png``.
+Any number of models can be compared (``run(..., models={name: folder})``, ``alive eval --model``):
+the report puts them side by side per task and classifier, with each fine-tuned model's training
+configuration (``clip``, ``dalip``, ``clip+dino``, ... from its ``train_summary.json``) and its gain
+over ``base``. Writes ``eval/results.json``, ``eval/results.md`` and the bar chart ``eval/zero_shot.png``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,25 @@ log = logging.getLogger(__name__)
 STAGE = "eval"
 CODE_VERSION = "eval-v1"
 MODEL_LABELS = {"base": "base", "finetuned": "fine-tuned"}
+
+
+def classifier_label(kind: str, backend: Optional[str]) -> str:
+    """How a classifier kind reads in the report: CuPL only when an LLM wrote the descriptions."""
+    if kind == "template":
+        return "template"
+    if kind == "both":
+        return "combined"
+    return "CuPL" if backend not in (None, "template") else "descriptions (template baseline)"
+
+
+def training_configuration(model: str) -> Optional[str]:
+    """The objective a model folder was trained with (``train_summary.json``), or None (not trained here)."""
+    p = Path(model) / "train_summary.json"
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return doc.get("configuration") or "clip"  # summaries written before the objectives existed: plain CLIP
 
 
 @dataclass
@@ -292,7 +314,9 @@ def _evaluate(recipe: Recipe, store: RunStore, eval_sources: list[str], models: 
     stats.kept = sum(r["n_images"] for r in results if r["model"] == next(iter(models)) and r["classifier"] == kinds[0])
     stats.add("tasks", len(tasks))
     doc = {
-        "models": models, "classifiers": kinds, "description_backend": desc_backend,
+        "models": models, "configurations": {k: training_configuration(v) for k, v in models.items()},
+        "classifiers": kinds, "classifier_labels": {k: classifier_label(k, desc_backend) for k in kinds},
+        "description_backend": desc_backend,
         "description_note": _desc_note(desc_backend), "templates_sha": tpl_sha,
         "tasks": [{"task": t.name, "domain": t.domain, "n_images": len(t.images), "n_classes": len(t.classes),
                    "chance_top1": 1 / len(t.classes), "failed_ingest": t.failed_ingest, "classes": t.classes}
@@ -336,8 +360,11 @@ def side_by_side(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 r = cell.get((m, task, kind))
                 row[f"{m}_top1"] = r["top1"] if r else None
                 row[f"{m}_top5"] = r["top5"] if r else None
-            if "base" in names and "finetuned" in names and row["base_top1"] is not None:
-                row["delta_top1"] = row["finetuned_top1"] - row["base_top1"]
+            for m in names:
+                if m != "base" and "base" in names and row["base_top1"] is not None and row[f"{m}_top1"] is not None:
+                    row[f"{m}_delta_top1"] = row[f"{m}_top1"] - row["base_top1"]
+            if "finetuned_delta_top1" in row:
+                row["delta_top1"] = row["finetuned_delta_top1"]
             rows.append(row)
     return rows
 
@@ -349,24 +376,25 @@ def _pct(x: Optional[float], signed: bool = False) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The side-by-side table as markdown (accuracies in %)."""
+    """The side-by-side table as markdown (accuracies in %; one Δ column per model against ``base``)."""
     names = list(doc["models"])
     label = {m: MODEL_LABELS.get(m, m) for m in names}
     head = ["task", "classifier", "images", "classes"] + [f"{label[m]} top-1" for m in names]
-    has_delta = "base" in names and "finetuned" in names
-    if has_delta:
-        head.append("Δ top-1")
+    deltas = [m for m in names if m != "base"] if "base" in names else []
+    head += ["Δ top-1" if len(deltas) == 1 else f"Δ {label[m]} top-1" for m in deltas]
     head += [f"{label[m]} top-5" for m in names]
+    kind_label = doc.get("classifier_labels", {})
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in doc["rows"]:
-        cells = [("**mean**" if r["task"] == "mean" else r["task"]), r["classifier"],
+        cells = [("**mean**" if r["task"] == "mean" else r["task"]), kind_label.get(r["classifier"], r["classifier"]),
                  "" if r["images"] is None else str(r["images"]), "" if r["classes"] is None else str(r["classes"])]
         cells += [_pct(r[f"{m}_top1"]) for m in names]
-        if has_delta:
-            cells.append(_pct(r.get("delta_top1"), signed=True))
+        cells += [_pct(r.get(f"{m}_delta_top1"), signed=True) for m in deltas]
         cells += [_pct(r[f"{m}_top5"]) for m in names]
         lines.append("| " + " | ".join(cells) + " |")
-    models = "; ".join(f"{label[m]} = `{p}`" for m, p in doc["models"].items())
+    conf = doc.get("configurations", {})
+    models = "; ".join(f"{label[m]} = `{p}`" + (f" (trained: {conf[m]})" if conf.get(m) else "")
+                       for m, p in doc["models"].items())
     return (f"# Zero-shot classification\n\nModels: {models}.\n\nClassifiers: {', '.join(doc['classifiers'])} "
             f"({doc['description_note']}).\n\n" + "\n".join(lines) + "\n")
 
@@ -394,7 +422,7 @@ def plot(doc: dict[str, Any], dest: Path) -> None:
         if chance:
             ax.axhline(float(np.mean(chance)), color="grey", lw=0.8, ls="--", label="chance (mean)")
         ax.set_xticks(x, tasks, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"classifier: {kind}", fontsize=9)
+        ax.set_title(f"classifier: {doc.get('classifier_labels', {}).get(kind, kind)}", fontsize=9)
         ax.set_ylim(0, 100)
     axes[0][0].set_ylabel("zero-shot top-1 (%)")
     axes[0][-1].legend(fontsize=7, loc="upper right")

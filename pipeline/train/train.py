@@ -3,8 +3,13 @@
 Streams ``shards/wds/*.tar`` (counts from ``sizes.json``), AdamW with warmup + cosine, gradient
 accumulation over a shared feature cache (every micro-batch sees the negatives of the whole step, as
 open_clip's ``accum_freq``), autocast on GPU, an optional locked tower (LiT), safetensors checkpoints
-that a killed run resumes from (model + optimizer + step + stream position), ``train/metrics.jsonl``
-and the final model saved with ``save_pretrained`` in ``train/final``.
+that a killed run resumes from (model + optimizer + step + stream position, and with the objectives
+below their heads and DINO's teacher), ``train/metrics.jsonl`` and the final model saved with
+``save_pretrained`` in ``train/final``.
+
+The objective (:mod:`pipeline.train.losses`): ``train.loss: clip`` (InfoNCE) or ``dalip`` (DALIP's
+token-mean and MBDC terms on top), and ``train.ssl: dino`` (a DINO branch on the image tower with
+AgriCLIP's alignment term). Plain CLIP runs the original step unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..recipe import Recipe, TrainConfig
 from ..stats import StageStats
 from ..store import RunStore, write_json_atomic, write_text_atomic
 from . import data as D
+from .losses import Objective, clip_loss
 from .model import Loaded, autocast, autocast_dtype, load_clip, resolve_device, tokenize
 
 log = logging.getLogger(__name__)
@@ -106,34 +112,30 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clip_loss(img: "torch.Tensor", txt: "torch.Tensor", scale: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
-    """Symmetric InfoNCE over the batch (matching pairs on the diagonal)."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = scale * img @ txt.t()
-    labels = torch.arange(img.shape[0], device=img.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-
-
 def _embed(model: Any, batch: dict[str, "torch.Tensor"]) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
     out = model(**batch)
     return out.image_embeds.float(), out.text_embeds.float()
 
 
-def train_step(model: Any, micro: list[dict[str, "torch.Tensor"]], device: "torch.device",  # noqa: F821
-               dtype: Optional["torch.dtype"], scaler: Any) -> float:  # noqa: F821
+def train_step(model: Any, micro: list[dict[str, Any]], device: "torch.device",  # noqa: F821
+               dtype: Optional["torch.dtype"], scaler: Any,  # noqa: F821
+               objective: Optional[Objective] = None) -> float:
     """Forward/backward of one optimizer step over ``micro`` batches; returns the step's loss.
 
     With several micro-batches, embeddings of all of them are computed without gradients first; each
     micro-batch is then re-embedded with gradients and the loss taken over the whole step, so the
-    gradient equals that of one big batch (the temperature's gradient is counted once).
+    gradient equals that of one big batch (the temperature's gradient is counted once). With an
+    ``objective`` other than plain CLIP (DALIP terms, the DINO branch) see :func:`_objective_step`.
     """
     import torch
+
+    if objective is not None and not objective.plain:
+        return _objective_step(model, micro, device, dtype, scaler, objective)
 
     def backward(loss: "torch.Tensor") -> None:  # noqa: F821
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    micro = [{k: v for k, v in m.items() if k != "views"} for m in micro]
     if len(micro) == 1:
         with autocast(device, dtype):
             img, txt = _embed(model, micro[0])
@@ -156,6 +158,70 @@ def train_step(model: Any, micro: list[dict[str, "torch.Tensor"]], device: "torc
     return loss_val
 
 
+def _objective_step(model: Any, micro: list[dict[str, Any]], device: "torch.device",  # noqa: F821
+                    dtype: Optional["torch.dtype"], scaler: Any, objective: Objective) -> float:  # noqa: F821
+    """:func:`train_step` for DALIP and/or DINO: the same feature cache, over every contrastive term.
+
+    Each micro-batch's random draws (MBDC dropout) are seeded by (seed, step, micro-batch), so the
+    cached pass and the gradient pass see the same masks and a resumed run repeats them. The DINO
+    loss is per sample: each micro-batch adds its share (1 / micro-batches) once; the teacher's centre
+    moves once per optimizer step, over all of the step's teacher outputs.
+    """
+    import torch
+
+    def backward(loss: "torch.Tensor") -> None:  # noqa: F821
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def embed(j: int) -> dict[str, Any]:
+        torch.manual_seed(objective.seed_for(j))
+        with autocast(device, dtype):
+            return objective.embed(model, micro[j])
+
+    def ssl(j: int, img: "torch.Tensor") -> tuple[Any, dict[str, float]]:  # noqa: F821
+        if objective.teacher is None:
+            return 0.0, {}
+        with autocast(device, dtype):
+            return objective.ssl(model, micro[j]["views"], img)
+
+    n = len(micro)
+    terms: dict[str, float] = {}
+    total = 0.0
+    if n == 1:
+        pairs = embed(0)
+        loss, terms = objective.contrastive(pairs, model.logit_scale.exp())
+        extra, t = ssl(0, pairs["clip"][0])
+        terms.update(t)
+        loss = loss + extra
+        backward(loss)
+        total = float(loss.detach())
+    else:
+        with torch.no_grad():
+            cache = [embed(j) for j in range(n)]
+        ssl_sum: dict[str, float] = {}
+        contrast, ssl_total = 0.0, 0.0
+        for j in range(n):
+            pairs_j = embed(j)
+            joined = {k: (torch.cat([c[k][0] for c in cache[:j]] + [pairs_j[k][0]] + [c[k][0] for c in cache[j + 1:]]),
+                          torch.cat([c[k][1] for c in cache[:j]] + [pairs_j[k][1]] + [c[k][1] for c in cache[j + 1:]]))
+                      for k in pairs_j}
+            scale = model.logit_scale.exp()
+            if j > 0:
+                scale = scale.detach()
+            loss, terms = objective.contrastive(joined, scale)
+            extra, t = ssl(j, pairs_j["clip"][0])
+            for k, v in t.items():
+                ssl_sum[k] = ssl_sum.get(k, 0.0) + v / n
+            backward(loss + extra / n)
+            contrast = float(loss.detach())  # the same value for every j: the loss of the whole step
+            if not isinstance(extra, float):
+                ssl_total += float(extra.detach()) / n
+        terms.update(ssl_sum)
+        total = contrast + ssl_total
+    objective.end_of_step()
+    objective.last_terms = terms
+    return total
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -164,10 +230,12 @@ def _ckpt_root(store: RunStore) -> Path:
 
 
 def save_checkpoint(store: RunStore, model: Any, optimizer: Any, scaler: Any, state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, objective: Optional[Objective] = None) -> Path:
     """Write ``checkpoints/step-NNNNNNN/`` (model.safetensors, optimizer.safetensors, state.json) atomically.
 
-    The folder is built under a temporary name and renamed, so a kill leaves no half checkpoint.
+    With DALIP or DINO also ``heads.safetensors`` (MBDC heads, DINO head, aligner) and, with DINO,
+    ``teacher.safetensors`` (the EMA tower and head, and the centre). The folder is built under a
+    temporary name and renamed, so a kill leaves no half checkpoint.
     """
     from safetensors.torch import save_file, save_model
 
@@ -178,6 +246,10 @@ def save_checkpoint(store: RunStore, model: Any, optimizer: Any, scaler: Any, st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
+    if objective is not None and len(objective.heads):
+        save_model(objective.heads, str(tmp / "heads.safetensors"))
+    if objective is not None and objective.teacher is not None:
+        save_model(objective.teacher, str(tmp / "teacher.safetensors"))
     osd = optimizer.state_dict()
     tensors = {f"state.{pid}.{k}": v.contiguous() for pid, st in osd["state"].items() for k, v in st.items()}
     if tensors:
@@ -209,11 +281,25 @@ def latest_checkpoint(store: RunStore, fp: str) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any) -> dict[str, Any]:
-    """Restore model, optimizer and loss-scaler state in place; returns the saved state dict."""
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any,
+                    objective: Optional[Objective] = None) -> dict[str, Any]:
+    """Restore model, optimizer, loss-scaler (and extra heads / teacher) state in place; returns the state dict.
+
+    Raises:
+        FileNotFoundError: the objective has heads or a teacher but the checkpoint lacks their file.
+    """
     from safetensors.torch import load_file, load_model
 
     load_model(model, str(path / "model.safetensors"))
+    if objective is not None:
+        for name, module in (("heads", objective.heads if len(objective.heads) else None),
+                             ("teacher", objective.teacher)):
+            if module is None:
+                continue
+            f = path / f"{name}.safetensors"
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: checkpoint without the {name} state its settings need")
+            load_model(module, str(f))
     st = json.loads((path / "state.json").read_text())
     opt_file = path / "optimizer.safetensors"
     state: dict[int, dict[str, Any]] = {}
@@ -311,24 +397,30 @@ def _take(stats: StageStats) -> StageStats:
     return delta
 
 
+Micro = tuple[Any, list[str], Optional[list[Any]]]  # pixels, captions, DINO views (or None)
+
+
 def step_batches(shard_dir: Path, shards: list[str], cfg: TrainConfig, spec: D.ImageSpec, epoch: int, skip: int,
-                 pool: ThreadPoolExecutor) -> Iterator[tuple[list[tuple[Any, list[str]]], int, StageStats]]:
-    """Yield (micro-batches as (pixels, captions), stream position after them, their stats) for one epoch.
+                 pool: ThreadPoolExecutor, crops: Optional[D.CropSpec] = None
+                 ) -> Iterator[tuple[list[Micro], int, StageStats]]:
+    """Yield (micro-batches as (pixels, captions, views), stream position after them, their stats) for one epoch.
 
     Stats travel with the batches so a checkpoint counts exactly the samples before its position,
-    not the ones the prefetch thread has read ahead.
+    not the ones the prefetch thread has read ahead. ``crops`` adds DINO's views cut from the same
+    shard images (None: no views).
     """
     warn = D.RateLimitedLog(log)
     stats = StageStats(STAGE)
     raw = D.raw_stream(shard_dir, shards, cfg.seed, epoch, stats, cfg.shuffle_buffer, skip)
-    micro: list[tuple[Any, list[str]]] = []
+    micro: list[Micro] = []
     for b in D.batches(raw, cfg.batch_size):
-        pix, caps = D.preprocess_batch(b, spec, cfg.seed, epoch, stats, warn, pool, augment=cfg.augment)
+        pix, caps, views = D.preprocess_batch_views(b, spec, cfg.seed, epoch, stats, warn, pool, augment=cfg.augment,
+                                                    crops=crops)
         if len(caps) < 2:  # a batch of bad images has no negatives left
             stats.drop("batch_too_small", n=len(caps))
             stats.kept -= len(caps)
             continue
-        micro.append((pix, caps))
+        micro.append((pix, caps, views))
         if len(micro) == cfg.grad_accum:
             yield micro, b[-1].pos, _take(stats)
             micro = []
@@ -341,7 +433,15 @@ def train_config(recipe: Recipe) -> dict[str, Any]:
     """The train block without where and how often it runs (those do not change what is trained)."""
     cfg = recipe.train.model_dump(mode="json")
     for k in ("enabled", "device", "workers", "log_every", "save_every", "keep_checkpoints"):
-        cfg.pop(k)
+        cfg.pop(k)  # where and how often: not what is trained
+    # Settings of an objective that is off do not shape the model.
+    if cfg["loss"] != "dalip":
+        cfg.pop("dalip")
+    if cfg["ssl"] != "dino":
+        cfg.pop("dino")
+    for k, default in (("loss", "clip"), ("ssl", "none")):
+        if cfg[k] == default:
+            cfg.pop(k)
     return cfg
 
 
@@ -393,6 +493,11 @@ def _processor_config(spec: D.ImageSpec) -> dict[str, Any]:
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(spec.mean), "image_std": list(spec.std),
         "do_convert_rgb": True, "resample": 3,
     }
+
+
+def configuration_name(cfg: TrainConfig) -> str:
+    """Short name of the training objective: ``clip``, ``dalip``, ``clip+dino``, ``dalip+dino``."""
+    return cfg.loss + ("+dino" if cfg.ssl == "dino" else "")
 
 
 def run(recipe: Recipe, store: RunStore) -> dict[str, Any]:
@@ -455,15 +560,24 @@ def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple
     model = loaded.model.to(device)
     model.train()
     trainable = freeze_tower(model, cfg.freeze)
+    torch.manual_seed(cfg.seed + 1)  # the extra heads' init: fixed by the seed, apart from the model's
+    objective = Objective(cfg, model, plan.total_steps).to(device)
+    objective.train()
+    trainable += sum(p.numel() for p in objective.heads.parameters())
+    groups = param_groups(model, cfg.weight_decay)
+    for g, extra in zip(groups, param_groups(objective.heads, cfg.weight_decay)):
+        g["params"] = g["params"] + extra["params"]
+    crops = (D.CropSpec(cfg.dino.local_crops, objective.local_size, tuple(cfg.dino.global_scale),
+                        tuple(cfg.dino.local_scale)) if cfg.ssl == "dino" else None)
     use_fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=plan.lr, betas=(cfg.beta1, cfg.beta2),
+    optimizer = torch.optim.AdamW(groups, lr=plan.lr, betas=(cfg.beta1, cfg.beta2),
                                   eps=cfg.eps, **({"fused": True} if use_fused else {}))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     step, epoch, pos, resumed_from = 0, 0, 0, None
     ckpt = latest_checkpoint(store, fp)
     if ckpt is not None:
-        st = load_checkpoint(ckpt, model, optimizer, scaler)
+        st = load_checkpoint(ckpt, model, optimizer, scaler, objective)
         step, epoch, pos = st["step"], st["epoch"], st["pos"]
         restored = StageStats.from_dict(st["stats"])
         stats.total, stats.kept, stats.dropped, stats.counters = (restored.total, restored.kept, restored.dropped,
@@ -474,25 +588,34 @@ def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple
         # Checkpoints of other inputs/settings must not outnumber (and so prune) this run's own.
         shutil.rmtree(_ckpt_root(store), ignore_errors=True)
     metrics = Metrics(store.path(layout.TRAIN_METRICS), step)
-    log.info("train: %d samples, %d steps (%d/epoch), batch %dx%d, lr %.3g, warmup %d, %s %s, %d trainable params",
-             plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size, cfg.grad_accum, plan.lr,
-             plan.warmup_steps, device, dtype or "fp32", trainable)
+    log.info("train: %d samples, %d steps (%d/epoch), batch %dx%d, lr %.3g, warmup %d, %s %s, loss %s, ssl %s, "
+             "%d trainable params", plan.samples, plan.total_steps, plan.steps_per_epoch, cfg.batch_size,
+             cfg.grad_accum, plan.lr, plan.warmup_steps, device, dtype or "fp32", cfg.loss, cfg.ssl, trainable)
+    all_params = list(model.parameters()) + list(objective.heads.parameters())
+    freeze_last = cfg.dino.freeze_last_layer_steps
+    if freeze_last is None:
+        freeze_last = plan.steps_per_epoch
 
-    def optimizer_step(micro: list[tuple[Any, list[str]]], lr: float) -> float:
+    def optimizer_step(micro: list[Micro], lr: float) -> float:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = []
-        for pix, caps in micro:
+        for pix, caps, views in micro:
             enc = tokenize(loaded.tokenizer, caps, model)
-            batch.append({"pixel_values": torch.from_numpy(pix).to(device, non_blocking=True),
-                          **{k: v.to(device, non_blocking=True) for k, v in enc.items()}})
-        loss = train_step(model, batch, device, dtype, scaler)
+            m = {"pixel_values": torch.from_numpy(pix).to(device, non_blocking=True),
+                 **{k: v.to(device, non_blocking=True) for k, v in enc.items()}}
+            if views is not None:
+                m["views"] = [torch.from_numpy(v).to(device, non_blocking=True) for v in views]
+            batch.append(m)
+        objective.step = step
+        loss = train_step(model, batch, device, dtype, scaler, objective)
         if not math.isfinite(loss):
             raise FloatingPointError(f"train: loss is {loss} at step {step}; lower train.lr or use precision fp32/bf16")
+        objective.cancel_last_layer_grad(freeze_last)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -501,24 +624,28 @@ def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        objective.after_optimizer_step(model)
         return loss
 
     shards = list(sizes)
     window: list[float] = []
+    term_window: dict[str, list[float]] = {}
     t_window, n_window = time.perf_counter(), 0
     last_saved = step
     try:
         with ThreadPoolExecutor(cfg.workers) as pool:
             while step < plan.total_steps:
                 exhausted = True
-                feed = _prefetch(step_batches(shard_dir, shards, cfg, loaded.spec, epoch, pos, pool))
+                feed = _prefetch(step_batches(shard_dir, shards, cfg, loaded.spec, epoch, pos, pool, crops))
                 with contextlib.closing(feed):  # stops the prefetch thread on every way out
                     for micro, new_pos, delta in feed:
                         stats = stats.merge(delta)
                         lr = plan.lr_at(step)
                         window.append(optimizer_step(micro, lr))
+                        for k, v in objective.last_terms.items():
+                            term_window.setdefault(k, []).append(v)
                         step, pos = step + 1, new_pos
-                        n = sum(len(c) for _, c in micro)
+                        n = sum(len(c) for _, c, _ in micro)
                         stats.add("samples_trained", n)
                         n_window += n
                         if step % cfg.log_every == 0 or step == plan.total_steps:
@@ -526,14 +653,16 @@ def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple
                             metrics.write({"step": step, "epoch": epoch, "loss": float(np.mean(window)), "lr": lr,
                                            "logit_scale": float(model.logit_scale.detach().exp()),
                                            "samples_per_s": n_window / max(dt, 1e-9),
-                                           "samples": int(stats.counters["samples_trained"])})
+                                           "samples": int(stats.counters["samples_trained"]),
+                                           **{k: float(np.mean(v)) for k, v in term_window.items()}})
                             window, t_window, n_window = [], time.perf_counter(), 0
+                            term_window = {}
                         if step % cfg.save_every == 0 and step < plan.total_steps:
                             stats.add("optimizer_steps", step - last_saved)
                             last_saved = step
                             save_checkpoint(store, model, optimizer, scaler,
                                             {"step": step, "epoch": epoch, "pos": pos, "fingerprint": fp,
-                                             "stats": stats.to_dict()}, cfg.keep_checkpoints)
+                                             "stats": stats.to_dict()}, cfg.keep_checkpoints, objective)
                         if step >= plan.total_steps:
                             exhausted = False
                             break
@@ -553,6 +682,7 @@ def _train(recipe: Recipe, store: RunStore, fp: str, stats: StageStats) -> tuple
         "plan": plan.__dict__, "resumed_from": resumed_from, "device": str(device),
         "precision": str(dtype or "fp32"), "freeze": cfg.freeze, "trainable_params": trainable,
         "model": cfg.model, "from_config": cfg.from_config is not None, "fingerprint": fp, "skipped": False,
+        "loss": cfg.loss, "ssl": cfg.ssl, "configuration": configuration_name(cfg),
     }
     model.eval()
     _save_final(store, loaded, summary)
