@@ -225,3 +225,19 @@ def test_only_transient_errors_are_retried():
     assert is_transient(OSError(errno.EIO, "i/o error"))
     assert not is_transient(OSError(errno.ENOSPC, "no space left", "x"))
     assert not is_transient(ValueError("bad recipe")) and not is_transient(FileNotFoundError("gone"))
+
+
+def test_outputs_are_readable_by_others_unless_the_umask_says_otherwise(tmp_path):
+    import os
+
+    from pipeline.store import write_bytes_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "a.bin", b"x")
+        os.umask(0o077)
+        write_bytes_atomic(tmp_path / "b.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
