@@ -25,7 +25,7 @@ from pipeline import describe, layout
 from pipeline.executor import Executor, PlannedUnit, Stage, StagePlan, drive, is_transient
 from pipeline.provenance import models_used
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.runner import task_runner_scope
+from pipeline.runner import stage_resources, task_runner_scope
 from pipeline.stats import StageStats
 from pipeline.store import RunStore, write_text_atomic
 
@@ -80,10 +80,18 @@ def prepare_task(recipe: Recipe, out: str, stage: str, item: Any) -> Any:
 
 
 def prefect_mapper(recipe: Recipe, out: str, progress: bool):
-    """Map a stage's units (or its scratch items) over Prefect tasks, with progress."""
+    """Map a stage's units (or its scratch items) over Prefect tasks, with progress.
+
+    On Ray every task asks for what its stage says it uses (CPUs, a GPU for CUDA scoring), so the
+    scheduler packs tasks onto nodes without oversubscribing them.
+    """
     def run(stage: Stage, kind: str, items: list[Any]) -> list[Any]:
         if not items:
             return []
+        with stage_resources(recipe, stage if kind == "unit" else None):
+            return _submit(stage, kind, items)
+
+    def _submit(stage: Stage, kind: str, items: list[Any]) -> list[Any]:
         if kind == "prepare":
             t = prepare_task.with_options(name=f"{stage.name}-prepare")
             futures = [t.submit(recipe, out, stage.name, it) for it in items]

@@ -124,6 +124,15 @@ class Stage:
     def enabled(self, recipe: Recipe) -> bool:
         return True
 
+    def resources(self, recipe: Recipe, threads: int, gpus_available: bool) -> dict[str, float]:
+        """What one unit task asks of a cluster scheduler (Ray): CPUs it keeps busy, GPUs it needs.
+
+        Args:
+            threads: the intra-op threads a torch task uses (the driver's count, for identical bits).
+            gpus_available: whether the cluster has GPUs at all.
+        """
+        return {"num_cpus": 1}
+
     def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
         raise NotImplementedError
 
@@ -401,6 +410,12 @@ class Executor:
             total = total.merge(ran[pu.name] if pu.name in ran else self.unit_stats(stage.name, pu.name))
         stage.after(self.recipe, self.store, plan)
         return total
+
+
+def torch_resources(device: str, threads: int, gpus_available: bool) -> dict[str, float]:
+    """Resources of a torch unit: its threads on CPU, or one GPU when ``device`` asks CUDA (or auto finds one)."""
+    wants_gpu = device.startswith("cuda") or (device == "auto" and gpus_available)
+    return {"num_cpus": 1, "num_gpus": 1} if wants_gpu else {"num_cpus": threads}
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -114,3 +114,27 @@ def worker_env() -> dict[str, str]:
 @contextmanager
 def _null() -> Iterator[None]:
     yield None
+
+
+@contextmanager
+def stage_resources(recipe: Any, stage: Any) -> Iterator[dict[str, float]]:
+    """On Ray, make the tasks submitted in this block ask for ``stage.resources(...)``; elsewhere a no-op.
+
+    Args:
+        recipe: the build's recipe (its ``runner`` block says whether Ray is in use).
+        stage: the stage whose units are submitted (None: scratch work, one CPU).
+
+    Yields:
+        The Ray remote options in force ({} outside Ray).
+    """
+    if recipe.runner.kind != "ray":
+        yield {}
+        return
+    import ray
+    import torch
+    from prefect_ray.context import remote_options
+
+    gpus = bool(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+    opts = stage.resources(recipe, torch.get_num_threads(), gpus) if stage is not None else {"num_cpus": 1}
+    with remote_options(**opts):
+        yield opts

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,11 +107,33 @@ def read_parquet(path: str | Path, columns: Optional[list[str]] = None) -> pa.Ta
     return pq.read_table(path, columns=columns)
 
 
+# "s3://b/r" arrives as "s3://b/r" or, through a pathlib.Path, as "s3:/b/r". One-letter schemes are drives.
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/+(.*)$")
+
+
+def local_root(root: str | Path) -> Path:
+    """The local path of a run folder; ``file://`` URLs are local, other URLs are refused clearly.
+
+    Raises:
+        ValueError: an object-store URL (s3://, gs://, ...): the run store writes through the local
+            filesystem (a mounted bucket or a shared filesystem works).
+    """
+    m = _URL.match(str(root))
+    if m is None:
+        return Path(root)
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme == "file":
+        return Path("/" + rest)
+    raise ValueError(f"run folder {scheme}://{rest}: object-store URLs are not supported as --out; build into a "
+                     "local path, a shared filesystem, or a bucket mounted as one (s3fs/gcsfuse/mountpoint-s3), "
+                     "then upload with `alive upload`")
+
+
 class RunStore:
     """Paths and bookkeeping of one run folder."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+        self.root = local_root(root).resolve()
 
     def path(self, *parts: str) -> Path:
         """Absolute path of a run-store name (pipeline.layout) or of path parts; never outside the run."""

@@ -241,3 +241,25 @@ def test_outputs_are_readable_by_others_unless_the_umask_says_otherwise(tmp_path
         os.umask(old)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_stages_declare_what_a_task_uses():
+    from pipeline.stages import STAGES
+
+    r = parse_recipe({"name": "r", "sources": [{"name": "s", "kind": "synthetic", "domain": "crops", "classes": ["a"]}],
+                      "score": {"device": "auto"}, "train": {"device": "cuda"}})
+    res = {s.name: s.resources(r, 4, False) for s in STAGES}
+    assert res["ingest"] == {"num_cpus": 1} and res["score"] == {"num_cpus": 4} and res["filter"] == {"num_cpus": 4}
+    assert res["train"] == {"num_cpus": 1, "num_gpus": 1}  # asked for CUDA: a GPU, whatever the cluster has
+    assert {s.name: s.resources(r, 4, True) for s in STAGES}["score"] == {"num_cpus": 1, "num_gpus": 1}
+    cpu = r.model_copy(update={"score": r.score.model_copy(update={"device": "cpu"})})
+    assert STAGES[3].resources(cpu, 4, True) == {"num_cpus": 4}
+
+
+def test_object_store_urls_are_refused_clearly_and_file_urls_are_local(tmp_path):
+    from pipeline.store import RunStore
+
+    for url in ("s3://bucket/run", Path("s3://bucket/run"), "gs://b/r"):
+        with pytest.raises(ValueError, match="object-store URLs are not supported"):
+            RunStore(url)
+    assert RunStore(f"file://{tmp_path}/run").root == (tmp_path / "run").resolve()

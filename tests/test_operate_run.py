@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -313,3 +315,45 @@ def test_ray_runner_writes_the_same_bytes(built, tmp_path):
     assert not differ, differ
     assert any(k.startswith("shards/wds/") and k.endswith(".tar") for k in local)
     assert any(k.startswith("shards/hf/data/") for k in local)
+
+
+@pytest.mark.slow  # two `ray start` processes and a full build on them: about a minute
+def test_two_node_ray_cluster_writes_the_same_bytes(built, tmp_path, monkeypatch):
+    """`ray start --head` plus a second `ray start --address` on this machine: a two-node cluster."""
+    import shutil
+    import socket
+    import subprocess
+
+    from flows.build_alive import build_alive
+
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray_bin, "the ray CLI is part of ray[default]"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Clusters started with `ray start` use token authentication: every node and the driver share it.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+            "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                        "--node-ip-address=127.0.0.1"], check=True, env=env, capture_output=True, timeout=180)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{port}", namespace="alive-test", log_to_driver=False)
+        try:
+            assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        finally:
+            ray.shutdown()
+        out = tmp_path / "ray2"
+        res = build_alive(str(built["recipe"]), str(out), {"runner.kind": "ray", "runner.address": f"127.0.0.1:{port}",
+                                                           "upload.enabled": False}, False)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=180)
+    assert res["samples"] == built["result"]["samples"]
+    skip = ("stats/", "done/", "summary.json", "report/", "upload/", "recipe.resolved.yaml")
+    local, remote = _tree(built["out"], skip), _tree(out, skip)
+    assert sorted(local) == sorted(remote)
+    assert not [k for k in local if local[k] != remote[k]]

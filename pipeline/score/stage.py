@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import layout
-from ..executor import Stage, Unit, UnitContext
+from ..executor import Stage, Unit, UnitContext, torch_resources
 from ..recipe import Recipe, ScoreConfig
 from ..stats import StageStats
 from ..store import RunStore
@@ -138,6 +138,9 @@ class ScoreStage(Stage):
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.score.enabled
+
+    def resources(self, recipe: Recipe, threads: int, gpus_available: bool) -> dict[str, float]:
+        return torch_resources(recipe.score.device, threads, gpus_available)
 
     def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
         from ..ingest import ingested_parts
@@ -309,6 +312,9 @@ class FilterStage(Stage):
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.score.enabled
+
+    def resources(self, recipe: Recipe, threads: int, gpus_available: bool) -> dict[str, float]:
+        return {"num_cpus": threads}  # blocked matrix products over every embedding
 
     def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
         train, evals = _units(recipe, store, "train"), _units(recipe, store, "eval")

@@ -30,7 +30,7 @@ import yaml
 
 from ..describe.template import article, resolve_prompts_dir
 from .. import layout
-from ..executor import Stage, Unit, UnitContext
+from ..executor import Stage, Unit, UnitContext, torch_resources
 from ..recipe import Recipe
 from ..stats import StageStats
 from ..store import RunStore, atomic_path, write_json_atomic, write_text_atomic
@@ -253,6 +253,9 @@ class EvalStage(Stage):
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.eval.enabled
+
+    def resources(self, recipe: Recipe, threads: int, gpus_available: bool) -> dict[str, float]:
+        return torch_resources(recipe.eval.device, threads, gpus_available)
 
     def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
         from ..ingest import ingested_parts

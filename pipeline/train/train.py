@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .. import layout
-from ..executor import Stage, Unit, UnitContext
+from ..executor import Stage, Unit, UnitContext, torch_resources
 from ..recipe import Recipe, TrainConfig
 from ..stats import StageStats
 from ..store import RunStore, write_json_atomic, write_text_atomic
@@ -520,6 +520,9 @@ class TrainStage(Stage):
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.train.enabled
+
+    def resources(self, recipe: Recipe, threads: int, gpus_available: bool) -> dict[str, float]:
+        return torch_resources(recipe.train.device, threads, gpus_available)
 
     def units(self, recipe: Recipe, store: RunStore) -> list[Unit]:
         sizes = D.read_sizes(store.path(layout.WDS))
