@@ -101,11 +101,13 @@ def test_encoder_reports_per_image_errors_and_keeps_order(tiny_clip_dir, ingeste
 
 
 def test_dtype_auto_follows_cpu_flags(monkeypatch):
-    monkeypatch.setattr(enc_mod, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    from pipeline import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert enc_mod.resolve_device_dtype("cpu", "auto") == ("cpu", "bf16")
-    monkeypatch.setattr(enc_mod, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "amx_bf16", "amx_tile"})
     assert enc_mod.resolve_device_dtype("cpu", "auto") == ("cpu", "bf16")
-    monkeypatch.setattr(enc_mod, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2"})
     assert enc_mod.resolve_device_dtype("cpu", "auto") == ("cpu", "fp32")
     assert enc_mod.resolve_device_dtype("cuda", "auto") == ("cuda", "fp16")
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):

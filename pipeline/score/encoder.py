@@ -17,46 +17,23 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..devices import inference_dtype, resolve_device
 from .preprocess import ImageTransform, PreprocessError
 
 log = logging.getLogger(__name__)
 
-_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 TEXT_ROWS = 32  # rows of every text batch (fixed: see Encoder.encode_texts_uncached)
 TEXT_BUCKET = 16  # text batches are padded to a multiple of this many tokens
 
 
-def cpu_flags() -> set[str]:
-    """Flags of the first CPU in /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AMX or AVX512-BF16)."""
-    return any(f in cpu_flags() for f in _BF16_FLAGS)
-
-
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """Turn 'auto' settings into a concrete (device, dtype) pair such as ('cuda', 'fp16') or ('cpu', 'fp32')."""
-    import torch
-
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "fp16"
-        else:
-            dtype = "bf16" if cpu_has_fast_bf16() else "fp32"
-    if dtype == "fp16" and not device.startswith("cuda"):
-        raise ValueError("score.dtype fp16 needs a CUDA device; use bf16 or fp32 on CPU (or dtype: auto)")
-    return device, dtype
+        device = resolve_device().type
+    try:
+        return device, inference_dtype("cuda" if device.startswith("cuda") else "cpu", dtype)
+    except ValueError as e:
+        raise ValueError(f"score.{e}") from None
 
 
 def _torch_dtype(name: str):
@@ -95,11 +72,11 @@ class Encoder:
             self.image_processor = AutoImageProcessor.from_pretrained(model)
         except OSError as e:
             raise ValueError(
-                f"score.model {model!r} could not be loaded ({e}); give a local folder or a hub id that is "
+                f"model {model!r} could not be loaded ({e}); give a local folder or a hub id that is "
                 "in the local cache (HF_HUB_OFFLINE=1 runs cannot download)"
             ) from None
         if not hasattr(self.model, "get_image_features") or not hasattr(self.model, "get_text_features"):
-            raise ValueError(f"score.model {model!r} ({type(self.model).__name__}) is not a dual image-text encoder")
+            raise ValueError(f"model {model!r} ({type(self.model).__name__}) is not a dual image-text encoder")
         self.model.eval().to(self.device)
         self.model_type = getattr(self.model.config, "model_type", "")
         self.transform = ImageTransform.from_processor(self.image_processor)

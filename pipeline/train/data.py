@@ -18,12 +18,15 @@ import random
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
 from ..stats import StageStats
+
+if TYPE_CHECKING:
+    from ..score.preprocess import ImageTransform
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +59,19 @@ class ImageSpec:
     std: tuple[float, float, float] = CLIP_STD
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, fallback_size: Optional[int] = None) -> "ImageSpec":
-        """Read ``preprocessor_config.json`` (crop size, mean, std) of a local model folder.
+    def from_transform(cls, t: "ImageTransform", fallback_size: Optional[int] = None) -> "ImageSpec":
+        """Side, mean and std of a model's image transform (the scorer's reading of its processor).
 
         Args:
-            path: Model folder (as written by ``save_pretrained``).
-            fallback_size: Side used when the folder has no preprocessor config (the vision tower's size).
+            t: the model's transform (:meth:`ImageTransform.from_processor`).
+            fallback_size: side when the transform fixes none (the vision tower's size).
         """
-        p = Path(path) / "preprocessor_config.json"
-        if p.is_file():
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-            crop = cfg.get("crop_size") or cfg.get("size") or {}
-            if isinstance(crop, dict):
-                side = crop.get("height") or crop.get("shortest_edge") or fallback_size
-            else:
-                side = int(crop)
-            mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
-            std = tuple(cfg.get("image_std") or CLIP_STD)
-            if side is None:
-                raise ValueError(f"{p}: no crop_size/size in the preprocessor config; add crop_size: {{height, width}}")
-            return cls(int(side), mean, std)  # type: ignore[arg-type]
-        if fallback_size is None:
-            raise ValueError(f"{path}: no preprocessor_config.json and no image size to fall back on")
-        return cls(int(fallback_size))
+        side = (t.crop or t.fixed_size or (None,))[0] or t.shortest_edge or fallback_size
+        if side is None:
+            raise ValueError("the image processor sets no crop or size, and no vision tower size was given")
+        mean = t.mean or CLIP_MEAN
+        std = t.std or CLIP_STD
+        return cls(int(side), tuple(mean), tuple(std))  # type: ignore[arg-type]
 
 
 def _crop_box(w: int, h: int, scale: float, ratio_jitter: tuple[float, float], rng: Optional[random.Random]

@@ -33,8 +33,8 @@ from .. import layout
 from ..executor import Stage, Unit, UnitContext, torch_resources
 from ..recipe import Recipe
 from ..stats import StageStats
-from ..store import RunStore, atomic_path, write_json_atomic, write_text_atomic
-from .model import Loaded, autocast_dtype, encode_images, encode_texts, load_clip, resolve_device
+from ..store import RunStore, atomic_path
+from ..score.encoder import Encoder
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -196,15 +196,16 @@ def _model_identity(name: str) -> Any:
             if f.suffix in (".safetensors", ".json", ".bin")]
 
 
-def _eval_model(loaded: Loaded, tasks: list[Task], kinds: list[str], templates: dict[str, list[str]],
-                descriptions: dict[tuple[str, str], list[str]], device: Any, dtype: Any, batch_size: int,
-                stats: StageStats) -> list[dict[str, Any]]:
+def _eval_model(enc: Encoder, tasks: list[Task], kinds: list[str], templates: dict[str, list[str]],
+                descriptions: dict[tuple[str, str], list[str]], stats: StageStats) -> list[dict[str, Any]]:
+    """Zero-shot rows of one model: the scorer's encoder (same preprocessing, precision and text batches)."""
     rows = []
     for task in tasks:
         per_kind = {k: class_sentences(k, task, templates, descriptions) for k in kinds}
         uniq = sorted({s for sents, _ in per_kind.values() for ss in sents for s in ss})
-        text_emb = dict(zip(uniq, encode_texts(loaded, uniq, device, dtype=dtype)))
-        img, ok = encode_images(loaded, task.images, device, batch_size, dtype)
+        text_emb = dict(zip(uniq, enc.encode_texts(uniq)))
+        img, errors = enc.encode_images(task.images)
+        ok = np.array([e is None for e in errors], dtype=bool)
         bad = int((~ok).sum())
         if bad:
             stats.drop("failed_to_decode", bad, example=f"{task.name}: {bad} image(s)")
@@ -305,15 +306,12 @@ def _evaluate(recipe: Recipe, store: RunStore, eval_sources: list[str], models: 
     if not tasks:
         raise ValueError(f"eval: no eval source has ingested images ({eval_sources}); run ingest first")
     stats.total = sum(len(t.images) for t in tasks)
-    device = resolve_device(cfg.device)
-    dtype = autocast_dtype("auto", device)
     results = []
     for name, path in models.items():
-        loaded = load_clip(path)
-        loaded.model.to(device).eval()
-        for r in _eval_model(loaded, tasks, kinds, templates, descriptions, device, dtype, cfg.batch_size, stats):
+        enc = Encoder(path, cfg.device, "auto", cfg.batch_size)  # not the cached one: train/final changes
+        for r in _eval_model(enc, tasks, kinds, templates, descriptions, stats):
             results.append({"model": name, **r})
-        del loaded
+        del enc
     stats.kept = sum(r["n_images"] for r in results if r["model"] == next(iter(models)) and r["classifier"] == kinds[0])
     stats.add("tasks", len(tasks))
     doc = {
