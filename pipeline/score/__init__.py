@@ -4,7 +4,8 @@ Stages (run by the executor, :mod:`pipeline.executor`): :class:`ScoreStage` (one
 part) and :class:`FilterStage` (one unit over every scored part).
 """
 
-from .encoder import Encoder, cpu_has_fast_bf16, get_encoder, resolve_device_dtype
+from ..devices import cpu_has_fast_bf16
+from .encoder import Encoder, get_encoder, resolve_device_dtype
 from .preprocess import ImageTransform, PreprocessError
 from .stage import FINAL_STAGE, STAGE, FilterStage, ScoreStage, load_summary, part_number, score_pairs, summary_rows
 
