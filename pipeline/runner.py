@@ -134,7 +134,10 @@ def stage_resources(recipe: Any, stage: Any) -> Iterator[dict[str, float]]:
     import torch
     from prefect_ray.context import remote_options
 
-    gpus = bool(ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
+    gpus = any(r.get("GPU", 0) > 0 for r in nodes)
     opts = stage.resources(recipe, torch.get_num_threads(), gpus) if stage is not None else {"num_cpus": 1}
+    if nodes:  # a request no single node can meet would wait forever: ask at most the largest node's CPUs
+        opts["num_cpus"] = min(opts.get("num_cpus", 1), max(r.get("CPU", 1) for r in nodes))
     with remote_options(**opts):
         yield opts
