@@ -4,7 +4,8 @@ A demo-style recipe (synthetic images in three domains plus captioned general da
 template captions, the tiny local CLIP for scoring, near-duplicate search and eval decontamination
 on with the default thresholds, mixing, webdataset + HF shards) is built at each size as a whole
 `alive build` process, the same way a user runs it. Per sample cost should stay flat: the target is
-``per_sample_growth`` (large / small seconds per sample) <= 1.25. Peak RSS is the child's ru_maxrss.
+``per_sample_growth`` (large / small seconds per sample beyond the fixed cost, which a 200-sample
+build measures) <= 1.25; the raw ratio is recorded too. Peak RSS is the largest child's ru_maxrss.
 
 Usage: python benchmarks/scale.py [--small 5000] [--large 50000] [--keep DIR]
 Raw results go to benchmarks/results/scale.json; the last line printed is the JSON summary.
@@ -99,20 +100,25 @@ def main() -> None:
     model = str(build_tiny_clip(work / "tiny-clip"))
     # Warm-up at a tiny size: imports, the Prefect server start and the spawn pool are paid by both sizes
     # alike, but the first process on a cold machine also fills the OS file cache.
-    build(200, model, work)
+    base = build(200, model, work)
     small = build(args.small, model, work)
     large = build(args.large, model, work)
-    growth = large["seconds_per_sample"] / small["seconds_per_sample"]
+    # Seconds per sample beyond the fixed cost (Prefect start-up, imports, pools), which the 200-sample
+    # run measures: what grows with the data. The raw ratio is recorded too.
+    for r in (small, large):
+        r["marginal_seconds_per_sample"] = (r["seconds"] - base["seconds"]) / (r["ingested"] - base["ingested"])
+    growth = large["marginal_seconds_per_sample"] / small["marginal_seconds_per_sample"]
     import torch
 
     raw = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                        "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
-           "small": small, "large": large, "per_sample_growth": growth, "target_growth": 1.25}
+           "fixed_cost_run": base, "small": small, "large": large, "per_sample_growth": growth,
+           "raw_per_sample_growth": large["seconds_per_sample"] / small["seconds_per_sample"], "target_growth": 1.25}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(raw, indent=2) + "\n")
-    print(json.dumps({"benchmark": "scale", "ours": round(large["seconds_per_sample"], 6),
-                      "baseline": round(small["seconds_per_sample"], 6), "unit": "s/sample",
-                      "speedup": round(small["seconds_per_sample"] / large["seconds_per_sample"], 3),
+    print(json.dumps({"benchmark": "scale", "ours": round(large["marginal_seconds_per_sample"], 6),
+                      "baseline": round(small["marginal_seconds_per_sample"], 6), "unit": "s/sample beyond fixed cost",
+                      "speedup": round(1 / growth, 3),
                       "per_sample_growth": round(growth, 3), "seconds": large["seconds"],
                       "peak_rss_mb": large["peak_rss_mb"], "small_n": small["ingested"], "large_n": large["ingested"]}))
 
