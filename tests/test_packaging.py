@@ -4,6 +4,7 @@ the environment check for img2dataset's `dataclasses` backport. The full plain-p
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -18,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # a copy: building in place would leave build/ and *.egg-info in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("pipeline", "flows", "prompts", "recipes"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(out), str(ROOT)], check=True, cwd=out, timeout=300)
+                    "-w", str(out), str(src)], check=True, cwd=out, timeout=300)
     return next(out.glob("alive_factory-*.whl"))
 
 
