@@ -218,6 +218,60 @@ def test_existing_repo_gets_a_pull_request_merged_after_the_card(built, tmp_path
     assert api2.merge_pull_request.call_args.args == (REPO, 7)
 
 
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and ".cache" not in p.parts}
+
+
+def test_upload_against_a_local_hub_server(built, tmp_path, monkeypatch):
+    """The real HfApi against a local server answering the Hub API calls used: a new repo gets data then
+    card on main; a second upload to the now existing repo goes through a pull request; a failure before
+    the merge leaves main with the previous data + card, and the re-run finishes the same pull request."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from hub_server import LocalHub
+
+    from pipeline.store import RunStore
+    from pipeline.upload import UploadError, upload_run
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # xet needs a CAS server
+    _hub_online(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(built["out"], run)
+    store = RunStore(run)
+    with LocalHub() as hub:
+        api = HfApi(endpoint=hub.url, token=PLANTED)
+        res = upload_run(store, REPO, api=api)
+        assert [k for k, _ in hub.calls] == ["repo_info", "create_repo", "list_tree", "preupload", "commit",
+                                             "validate_yaml", "preupload", "commit"]
+        assert {r for _, r in hub.calls if r} == {"main"} and res["pr"] is None
+        first = _local_files(run / "upload" / "dataset")
+        on_hub = hub.files(REPO)
+        assert on_hub.pop(".gitattributes") and on_hub == first  # the card and data files, byte for byte
+        assert hub.tokens == {f"Bearer {PLANTED}"}
+
+        # The repo exists now: the next upload (webdataset added, so new files and a new card) uses a PR.
+        hub.calls.clear()
+        hub.fail_merges = 1
+        with pytest.raises(UploadError, match="HTTP 500"):
+            upload_run(store, REPO, include_webdataset=True, api=api)
+        assert ("commit_new_pr", "main") in hub.calls and ("commit", "refs/pr/1") in hub.calls
+        on_hub = hub.files(REPO)
+        on_hub.pop(".gitattributes")
+        assert on_hub == first  # main untouched: the old card still describes the old data
+        second = _local_files(run / "upload" / "dataset")
+        assert any(k.startswith("webdataset/") for k in second) and second["README.md"] != first["README.md"]
+
+        hub.calls.clear()
+        res = upload_run(store, REPO, include_webdataset=True, api=api)
+        kinds = [k for k, _ in hub.calls]
+        assert "commit_new_pr" not in kinds and kinds[-1] == "merge" and res["pr"] == 1  # the same PR, finished
+        on_hub = hub.files(REPO)
+        on_hub.pop(".gitattributes")
+        assert on_hub == second
+        assert [p["status"] for p in hub.prs[REPO]] == ["merged"]
+
+
 def test_token_from_hf_auth_login_when_hf_token_is_unset(built, tmp_path, monkeypatch):
     import huggingface_hub
 
