@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import typer
+
+from .assets import demo_recipe
 from .cli_util import load_recipe_or_exit, parse_sets
 from .recipe import RecipeError, recipe_json_schema
 
@@ -80,6 +82,13 @@ def build(
     _quiet_prefect()
     overrides = parse_sets(set_)
     load_recipe_or_exit(recipe, overrides=overrides)  # fail fast, before starting Prefect
+    from .ops.envcheck import EnvironmentProblem, check_environment
+
+    try:
+        check_environment()
+    except EnvironmentProblem as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
     from flows.build_alive import build_alive
 
     from .describe.llm import DescribeError
@@ -97,7 +106,7 @@ def build(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
-    recipe: Path = typer.Option(PROJECT_ROOT / "recipes" / "demo.yaml", "--recipe", "-r"),
+    recipe: Path = typer.Option(demo_recipe(), "--recipe", "-r", help="Default: the shipped recipes/demo.yaml."),
     progress: bool = typer.Option(True, help="Progress bars on stderr."),
 ) -> None:
     """Offline demo: build the tiny local models if missing, then build recipes/demo.yaml."""

@@ -77,10 +77,11 @@ EMBEDDINGS = {"train": "score/embeddings", "eval": "score/eval_embeddings"}
 
 
 def embedding_files(role: str, n: str) -> dict[str, str]:
-    """clip-retrieval's file set number ``n`` (img_emb, text_emb for train parts, metadata)."""
+    """clip-retrieval's file set number ``n`` (img_emb, text_emb for train parts, metadata), or the
+    ``_empty`` record of a part with no embedded image (clip-retrieval's readers never see it)."""
     root = EMBEDDINGS[role]
     return {"img": f"{root}/img_emb/img_emb_{n}.npy", "text": f"{root}/text_emb/text_emb_{n}.npy",
-            "meta": f"{root}/metadata/metadata_{n}.parquet"}
+            "meta": f"{root}/metadata/metadata_{n}.parquet", "empty": f"{root}/_empty/{n}.json"}
 
 
 # ----------------------------------------------------------------------------- mix
@@ -138,4 +139,5 @@ EVAL_PLOT = "eval/zero_shot.png"
 REPORT = "report"
 REPORT_INDEX = "report/index.html"
 UPLOAD_RECORD = "upload/upload.json"
+UPLOAD_STAGING = "upload/dataset"  # the folder upload_folder sends (shards/hf + optional webdataset)
 MIXING_LAW = "mixing_law"

@@ -145,9 +145,17 @@ class DescribeConfig(_Model):
     n_per_question: Optional[int] = Field(None, ge=1, description="Samples per question (None: prompt set's n).")
     temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1, description="-1 = off (None: prompt set's value, -1 by default).")
+    min_p: Optional[float] = Field(None, ge=0, le=1, description="0 = off (None: prompt set's value, 0 by default).")
+    repetition_penalty: Optional[float] = Field(None, gt=0, description="1 = off (None: prompt set's value, 1 by default).")
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Optional[list[str]] = None
-    seed: Optional[int] = Field(0, description="Base of the per-request sampling seed (None: send no seed).")
+    seed: Optional[int] = Field(0, description="Base of the per-request sampling seed (None: no seed). The transformers "
+                                "backend always uses it; the openai backend sends it only with send_seed.")
+    send_seed: bool = Field(
+        False, description="Send a seed with every openai request. vLLM then samples those requests row by row (a "
+        "generator per request) instead of as one batch, which costs throughput; reruns reproduce from the request "
+        "cache without it.")
     concurrency: int = Field(64, ge=1, description="Requests in flight at most.")
     timeout: float = Field(60.0, gt=0, description="Seconds per request attempt.")
     max_retries: int = Field(6, ge=0, description="Retries per request on timeouts, 429, 5xx and broken replies.")

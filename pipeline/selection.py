@@ -16,8 +16,8 @@ from .recipe import Recipe
 from .store import RunStore
 from .tables import SCORES
 
-META_COLUMNS = ["uid", "source", "domain", "label", "class_name", "width", "height", "sha256", "orig_id",
-                "licence", "synthetic"]
+META_COLUMNS = ["uid", "source", "domain", "label", "class_name", "width", "height", "orig_width", "orig_height",
+                "sha256", "orig_id", "licence", "synthetic"]
 
 
 def _parts(recipe: Recipe, store: RunStore, role: str = "train") -> list[tuple[str, int]]:

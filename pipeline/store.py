@@ -21,7 +21,23 @@ import pyarrow.parquet as pq
 
 from .stats import StageStats
 
-PARQUET_KW = dict(compression="zstd", write_statistics=False)
+def _parquet_kw() -> dict[str, Any]:
+    """Writer options of every run-store parquet file.
+
+    A page index (offset index per page) lets readers seek to pages; content-defined chunking cuts pages
+    where the data says, so a re-written file shares its unchanged pages with the old one and the Hub's
+    deduplicating storage uploads only what changed (``datasets`` writes the same way). Both are
+    deterministic: the same table gives the same bytes.
+    """
+    import inspect
+
+    kw: dict[str, Any] = dict(compression="zstd", write_statistics=False, write_page_index=True)
+    if "use_content_defined_chunking" in inspect.signature(pq.ParquetWriter.__init__).parameters:  # pyarrow >= 21
+        kw["use_content_defined_chunking"] = True
+    return kw
+
+
+PARQUET_KW = _parquet_kw()
 TEMP_GLOB = ".*.tmp"  # names atomic_path gives its temp files: .<dest name>.<random>.tmp
 log = logging.getLogger(__name__)
 

@@ -83,10 +83,12 @@ MANIFEST = pa.schema(
     ]
 )
 
-# shards/wds/NNNNN.parquet (img2dataset-style sidecar) and the rows of shards/hf/data/*.parquet.
+# shards/wds/NNNNN.parquet (img2dataset's sidecar: its columns url, caption, key, status, error_message, width,
+# height, original_width, original_height, exif, sha256, plus ours) and the rows of shards/hf/data/*.parquet.
 SHARD_META = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
+        pa.field("url", pa.string()),  # the download URL for URL-list sources, else null (local files, datasets)
         pa.field("uid", pa.string(), nullable=False),
         pa.field("repeat", pa.int32(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
@@ -98,10 +100,13 @@ SHARD_META = pa.schema(
         pa.field("clip_score", pa.float32()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
         pa.field("sha256", pa.string()),
         pa.field("orig_id", pa.string()),
         pa.field("licence", pa.string()),
         pa.field("synthetic", pa.bool_()),
+        pa.field("exif", pa.string()),  # always null: images are re-encoded without EXIF
         pa.field("status", pa.string(), nullable=False),
         pa.field("error_message", pa.string()),
     ]
@@ -112,6 +117,9 @@ EMBEDDING_METADATA = pa.schema(
     [
         pa.field("image_path", pa.string()),
         pa.field("caption", pa.string()),
+        # clip-retrieval joins search hits to samples by `key`: here the sample's uid (written into every
+        # shard's {key}.json; a sample repeated by the mixer has one uid and several shard keys).
+        pa.field("key", pa.string()),
         pa.field("uid", pa.string()),
         pa.field("source", pa.string()),
         pa.field("domain", pa.string()),
@@ -122,7 +130,8 @@ EMBEDDING_METADATA = pa.schema(
 )
 
 IMAGE_STRUCT = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-HF_ROWS = pa.schema([pa.field("image", IMAGE_STRUCT)] + [f for f in SHARD_META if f.name not in ("status", "error_message")])
+HF_ROWS = pa.schema([pa.field("image", IMAGE_STRUCT)]
+                    + [f for f in SHARD_META if f.name not in ("status", "error_message", "exif")])
 
 # excluded/<stage>/*.parquet: every dropped row, with why.
 EXCLUDED = pa.schema(

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .describe.template import PROJECT_ROOT
+from .assets import asset_dir
 
 TINY_CLIP_NAME = "tiny-random-clip"
 
@@ -18,7 +18,7 @@ TINY_CLIP_NAME = "tiny-random-clip"
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the prompt files plus a little general English."""
     lines: list[str] = []
-    prompts = PROJECT_ROOT / "prompts"
+    prompts = asset_dir("prompts")
     if prompts.is_dir():
         for f in sorted(prompts.glob("*.yaml")):
             lines += [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]

@@ -5,16 +5,24 @@ the data): ``README.md`` (the dataset card, regenerated from the run and checked
 files), ``data/train-*.parquet`` and, on request, ``webdataset/*.tar`` with their sidecars and
 ``sizes.json``. ``datasets.load_dataset("OUT/upload/dataset")`` loads exactly what is uploaded.
 
-``HfApi.upload_folder`` sends it; re-running after an interruption resumes (files already on the Hub
-are skipped, uploaded data is deduplicated), and data files the run no longer has are deleted from
-the repo in the same commit, so the Hub copy always equals the local one.
+The data go first, the card last, so the Hub never shows a card that describes other data:
 
-The token is read from the ``HF_TOKEN`` environment variable only, at upload time. It is never a
-parameter (Prefect would store parameters), never logged and never written anywhere.
+1. a new repo: the data files are committed to ``main`` by ``HfApi.upload_folder`` (with hf_xet, which
+   huggingface_hub installs, it is the resumable large-folder upload: streamed, committed in batches,
+   an interrupted run resumes where it stopped; huggingface_hub 2 folded ``upload_large_folder`` into it).
+   Data files the run no longer has are deleted in the same commits.
+2. then one commit with ``README.md``.
+3. a repo that already exists gets both on a pull request instead (found again by its title when a run
+   resumes), merged at the end; until then ``main`` keeps the previous card and data together.
+
+The token comes from ``HF_TOKEN`` or the login saved by ``hf auth login`` (``huggingface_hub.get_token``),
+read at upload time. It is never a parameter (Prefect would store parameters), never logged and never
+written anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,14 +32,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
-import yaml
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_token
 
+from . import layout
 from .store import RunStore, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-UPLOAD_DIR = ("upload", "dataset")
+UPLOAD_DIR = (layout.UPLOAD_STAGING,)
 WDS_IN_REPO = "webdataset"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _DATA_FILE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
@@ -57,8 +65,11 @@ def check_repo_id(repo_id: Optional[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- card + checks
-def refresh_card(store: RunStore) -> Path:
+def refresh_card(store: RunStore) -> tuple[Any, dict[str, str]]:
     """Regenerate ``shards/hf/README.md`` from the run (recipe, write plan, models in summary.json).
+
+    Returns:
+        (the run's recipe, its models), for the card of the upload folder.
 
     Raises:
         UploadError: the run is not finished (no resolved recipe, summary or write plan).
@@ -67,8 +78,8 @@ def refresh_card(store: RunStore) -> Path:
     from .report import run_recipe
     from .write.card import write_card
 
-    summary_p = store.path("summary.json")
-    for need in (summary_p, store.path("write", "order.parquet"), store.path("write", "selection.parquet")):
+    summary_p = store.path(layout.SUMMARY)
+    for need in (summary_p, store.path(layout.WRITE_ORDER), store.path(layout.WRITE_SELECTION)):
         if not need.is_file():
             raise UploadError(f"{need} is missing: the run in {store.root} is not finished; run "
                               f"`alive build --recipe RECIPE --out {store.root}` to completion first")
@@ -81,16 +92,17 @@ def refresh_card(store: RunStore) -> Path:
                           "add 'hf' to write.formats and re-run the build (finished stages are skipped)")
     models = json.loads(summary_p.read_text(encoding="utf-8")).get("models") or {}
     write_card(recipe, store, models)
-    return store.path("shards", "hf", "README.md")
+    return recipe, models
 
 
 def card_header(card: Path) -> dict[str, Any]:
-    """The YAML block at the top of a dataset card."""
-    text = card.read_text(encoding="utf-8")
-    m = re.match(r"^---\n(.*?)\n---\n", text, re.S)
-    if not m:
-        raise UploadError(f"{card}: no YAML header (--- ... ---) at the top of the dataset card")
-    return yaml.safe_load(m.group(1)) or {}
+    """The metadata (YAML header) of a dataset card, parsed by huggingface_hub."""
+    from .write.card import read_card
+
+    try:
+        return read_card(card).data.to_dict()
+    except (ValueError, OSError) as e:
+        raise UploadError(f"{card}: not a readable dataset card ({e}); regenerate it (alive upload does)") from None
 
 
 def check_hf_layout(hf_dir: Path) -> dict[str, Any]:
@@ -140,40 +152,30 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _wds_card_section(wds: Path) -> str:
-    tars = sorted(p.name for p in wds.glob("*.tar"))
-    first, last = tars[0][:-4], tars[-1][:-4]
-    pattern = f"{WDS_IN_REPO}/{first}.tar" if first == last else f"{WDS_IN_REPO}/{{{first}..{last}}}.tar"
-    return ("\n## Webdataset shards\n\n"
-            f"The same samples as `{len(tars)}` webdataset tar shards in `{WDS_IN_REPO}/` (`{{key}}.jpg`, `{{key}}.txt`, "
-            "`{key}.json` per sample; `sizes.json` gives the sample count per shard, as open_clip expects):\n\n"
-            "```\n"
-            f"open_clip_train ... --train-data 'hf://datasets/ORG/NAME/{pattern}' --dataset-type webdataset\n"
-            "```\n")
-
-
-def prepare(store: RunStore, include_webdataset: bool = False) -> dict[str, Any]:
+def prepare(store: RunStore, include_webdataset: bool = False, repo_id: Optional[str] = None) -> dict[str, Any]:
     """Assemble and check the folder that would be uploaded (no network).
 
     Args:
         store: the finished run.
-        include_webdataset: also add ``shards/wds`` under ``webdataset/``.
+        include_webdataset: also add ``shards/wds`` under ``webdataset/`` (and the open_clip section to the card).
+        repo_id: the target repo, named in the card's download command (``ORG/NAME`` when not known yet).
 
     Returns:
-        {"folder": path, "files": data file names, "rows": n, "webdataset": n tar shards}.
+        {"folder": path, "files": data file names, "rows": n, "webdataset": n tar shards, "digest": content id}.
 
     Raises:
         UploadError: unfinished run, missing layout, or a card that disagrees with the data.
     """
-    refresh_card(store)
-    hf_dir = store.path("shards", "hf")
+    from .write.card import card_text
+
+    recipe, models = refresh_card(store)
+    hf_dir = store.path(layout.HF)
     info = check_hf_layout(hf_dir)
     dest = store.path(*UPLOAD_DIR)
     wanted: dict[Path, Path] = {dest / "data" / f: hf_dir / "data" / f for f in info["files"]}
-    card = (hf_dir / "README.md").read_text(encoding="utf-8")
     n_tars = 0
     if include_webdataset:
-        wds = store.path("shards", "wds")
+        wds = store.path(layout.WDS)
         tars = sorted(wds.glob("*.tar")) if wds.is_dir() else []
         if not tars:
             raise UploadError(f"{wds}: no webdataset shards (write.formats lacks webdataset?); "
@@ -182,7 +184,11 @@ def prepare(store: RunStore, include_webdataset: bool = False) -> dict[str, Any]
             if p.is_file() and (p.suffix in (".tar", ".parquet") or p.name.endswith("_stats.json") or p.name == "sizes.json"):
                 wanted[dest / WDS_IN_REPO / p.name] = p
         n_tars = len(tars)
-        card += _wds_card_section(wds)
+        local = "alive-data"
+        card = card_text(recipe, store, models, shard_dir=f"{local}/{WDS_IN_REPO}", fetch=[
+            f"hf download {repo_id or 'ORG/NAME'} --repo-type dataset --include '{WDS_IN_REPO}/*' --local-dir {local}"])
+    else:
+        card = card_text(recipe, store, models, shard_dir=None)
     # Drop whatever an earlier, different upload left (other shards, webdataset no longer requested).
     if dest.exists():
         for p in sorted(dest.rglob("*"), reverse=True):
@@ -193,23 +199,40 @@ def prepare(store: RunStore, include_webdataset: bool = False) -> dict[str, Any]
     for dst, src in wanted.items():
         _link(src, dst)
     write_text_atomic(dest / "README.md", card)
-    return {"folder": str(dest), "files": info["files"], "rows": info["rows"], "webdataset": n_tars}
+    h = hashlib.sha256()
+    for dst in sorted(wanted):
+        h.update(f"{dst.relative_to(dest).as_posix()}\0{dst.stat().st_size}\0".encode())
+    h.update(card.encode())
+    return {"folder": str(dest), "files": info["files"], "rows": info["rows"], "webdataset": n_tars,
+            "digest": h.hexdigest()[:12]}
 
 
 # ----------------------------------------------------------------------------- upload
+def _find_pr(api: HfApi, repo_id: str, title: str) -> Optional[Any]:
+    """The open pull request an interrupted upload of the same content left (matched by title), or None."""
+    for d in api.get_repo_discussions(repo_id=repo_id, repo_type="dataset", discussion_type="pull_request",
+                                      discussion_status="open"):
+        if d.title == title:
+            return d
+    return None
+
+
 def upload_run(store: RunStore, repo_id: Optional[str], private: bool = True, include_webdataset: bool = False,
                *, api: Optional[HfApi] = None) -> dict[str, Any]:
     """Upload a finished run to the Hub as a dataset repo (the optional last step of the flow).
+
+    Data first (resumable, in batches), then the card in one commit; to a pull request merged at the end
+    when the repo already exists (see the module docstring).
 
     Args:
         store: the finished run.
         repo_id: ``ORG/NAME`` of the dataset repo (created if missing).
         private: visibility when the repo is created (an existing repo keeps its visibility).
         include_webdataset: also upload the tar shards under ``webdataset/``.
-        api: a ``HfApi`` to use (tests); by default one is built with the token from ``HF_TOKEN``.
+        api: a ``HfApi`` to use (tests); by default one is built with the token of ``HF_TOKEN`` or ``hf auth login``.
 
     Returns:
-        {"repo_id", "url", "commit", "folder", "rows", "files", "webdataset"}; also written (without any
+        {"repo_id", "url", "commit", "pr", "folder", "rows", "files", "webdataset"}; also written (without any
         secret) to ``OUT/upload/upload.json``.
 
     Raises:
@@ -218,42 +241,60 @@ def upload_run(store: RunStore, repo_id: Optional[str], private: bool = True, in
     if not isinstance(store, RunStore):
         store = RunStore(store)
     repo_id = check_repo_id(repo_id)
-    prep = prepare(store, include_webdataset)
+    prep = prepare(store, include_webdataset, repo_id=repo_id)
     if _offline():
         raise UploadError("HF_HUB_OFFLINE is set: the Hub cannot be reached in offline mode. Unset HF_HUB_OFFLINE "
                           f"and re-run the upload; the checked folder is ready at {prep['folder']}")
     if api is None:
-        token = os.environ.get("HF_TOKEN", "").strip()
+        token = get_token()  # HF_TOKEN, else the token `hf auth login` saved
         if not token:
-            raise UploadError("HF_TOKEN is not set: create a token with write access at "
-                              "https://huggingface.co/settings/tokens and export HF_TOKEN before uploading")
+            raise UploadError("no Hugging Face token: run `hf auth login`, or create a token with write access at "
+                              "https://huggingface.co/settings/tokens and export HF_TOKEN, then re-run the upload")
         api = HfApi(token=token)
         del token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    delete = ["data/*.parquet"] + ([f"{WDS_IN_REPO}/*"] if include_webdataset else [])
+    data = ["data/*.parquet"] + ([f"{WDS_IN_REPO}/*"] if include_webdataset else [])
+    title = f"ALive dataset factory: {prep['rows']} pairs in {len(prep['files'])} files ({prep['digest']})"
+    folder = Path(prep["folder"])
     log.info("uploading %d rows (%d data files%s) to dataset repo %s", prep["rows"], len(prep["files"]),
              f", {prep['webdataset']} tar shards" if include_webdataset else "", repo_id)
+    pr_num: Optional[int] = None
     try:
+        existed = api.repo_exists(repo_id, repo_type="dataset")
         repo = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=prep["folder"],
-            commit_message=f"ALive dataset factory: {prep['rows']} pairs in {len(prep['files'])} files",
-            ignore_patterns=[".cache/**"], delete_patterns=delete,
-        )
+        revision = None
+        if existed:
+            pr = _find_pr(api, repo_id, title)
+            if pr is not None:
+                revision, pr_num = pr.git_reference, pr.num
+                log.info("resuming the upload into the open pull request #%d of %s", pr_num, repo_id)
+        kw: dict[str, Any] = dict(repo_id=repo_id, repo_type="dataset", folder_path=str(folder), allow_patterns=data,
+                                  ignore_patterns=[".cache/**"], delete_patterns=data)
+        if existed and revision is None:
+            commit = api.upload_folder(**kw, commit_message=title, create_pr=True)  # the PR's title
+            revision, pr_num = commit.pr_revision, commit.pr_num
+        else:
+            commit = api.upload_folder(**kw, commit_message=f"{title}: data", revision=revision)
+        commit = api.upload_file(path_or_fileobj=str(folder / "README.md"), path_in_repo="README.md", repo_id=repo_id,
+                                 repo_type="dataset", revision=revision, commit_message=f"{title}: dataset card")
+        if pr_num is not None:
+            api.merge_pull_request(repo_id, pr_num, repo_type="dataset",
+                                   comment="Data and dataset card of one build, merged together.")
     except OfflineModeIsEnabled as e:
         raise UploadError(f"offline mode is enabled ({e}); unset HF_HUB_OFFLINE to upload") from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = {401: "HF_TOKEN was refused: check it is valid", 403: f"HF_TOKEN has no write access to {repo_id}",
+        hint = {401: "the token was refused: check HF_TOKEN / `hf auth login`",
+                403: f"the token has no write access to {repo_id}",
                 404: f"{repo_id} not found and could not be created"}.get(status, "re-run to resume the upload")
         raise UploadError(f"upload to {repo_id} failed (HTTP {status}): {hint}") from None
     url = str(getattr(repo, "url", None) or f"https://huggingface.co/datasets/{repo_id}")
     result = {"repo_id": repo_id, "url": url, "commit": str(getattr(commit, "commit_url", "") or commit),
-              "folder": prep["folder"], "rows": prep["rows"], "files": len(prep["files"]),
+              "pr": pr_num, "folder": prep["folder"], "rows": prep["rows"], "files": len(prep["files"]),
               "webdataset": prep["webdataset"], "private_if_created": private}
-    write_json_atomic(store.path("upload", "upload.json"), result)
-    log.info("uploaded to %s", url)
+    write_json_atomic(store.path(layout.UPLOAD_RECORD), result)
+    log.info("uploaded to %s%s", url, f" (pull request #{pr_num}, merged)" if pr_num is not None else "")
     return result
 
 
@@ -271,14 +312,14 @@ def register_cli(app: Any) -> None:
         include_webdataset: bool = typer.Option(False, "--include-webdataset", help="Also upload the tar shards."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Assemble and check the folder only (no network)."),
     ) -> None:
-        """Upload a finished run to the Hugging Face Hub (token from HF_TOKEN only)."""
+        """Upload a finished run to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`)."""
         from .recipe import RecipeError
 
         store = RunStore(out)
         try:
             check_repo_id(repo_id)
             if dry_run:
-                prep = prepare(store, include_webdataset)
+                prep = prepare(store, include_webdataset, repo_id=repo_id)
                 typer.echo(f"ready: {prep['folder']} ({prep['rows']} rows, {len(prep['files'])} data files, "
                            f"{prep['webdataset']} tar shards)")
                 return

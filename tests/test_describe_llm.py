@@ -121,14 +121,15 @@ def test_completions_api_and_extra_body_pass_through(server, tmp_path):
     extra = {"structured_outputs": {"regex": "[A-Z][^.]*\\."}, "repetition_penalty": 1.1}
     run(recipe(server.base_url, api="completions", extra_body=extra), RunStore(tmp_path), GENERAL)
     assert server.requests == 2 * N_GENERAL_Q
-    assert all(not e["chat"] and e["extra"] == extra for e in server.log)
+    # extra_body is merged last: its repetition_penalty wins over the prompt set's explicit 1.0
+    assert all(not e["chat"] and e["extra"] == {"top_k": -1, "min_p": 0.0, **extra} for e in server.log)
     assert all("system:" not in e["prompt"] and e["prompt"].startswith(("Describe", "How", "What", "A caption"))
                for e in server.log)
 
 
 def test_n_rejected_falls_back_to_one_request_per_sample(tmp_path, caplog):
     with LLMServer("scripted", reject_n=True) as srv:
-        stats = run(recipe(srv.base_url, n_per_question=3), RunStore(tmp_path), GENERAL)
+        stats = run(recipe(srv.base_url, n_per_question=3, send_seed=True), RunStore(tmp_path), GENERAL)
         ok = ok_requests(srv)
         assert len(ok) == 2 * N_GENERAL_Q * 3 and all(e["n"] == 1 for e in ok)
         assert len({e["seed"] for e in ok}) == len(ok)  # each sample its own seed
@@ -332,3 +333,26 @@ def test_transformers_backend_in_process_with_cache(tiny_lm_dir, tmp_path):
     stats2 = run(r2, store, GENERAL)
     assert stats2.counters["cache_hits"] == 2 * N_GENERAL_Q * 2 and stats2.counters["samples_generated"] == 0
     assert table(store) == rows
+
+
+def test_every_sampling_parameter_is_sent_recorded_and_keyed(server, tmp_path):
+    """vLLM fills unsent parameters from the model's generation_config: send them all, record them, key on them."""
+    store = RunStore(tmp_path)
+    run(recipe(server.base_url), store, GENERAL)
+    assert server.log and all(e["extra"] == {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0} for e in server.log)
+    assert all(e["seed"] is None for e in server.log)  # no seed by default: vLLM samples the batch at full speed
+    rec = json.loads(table(store)[0]["sampling"])
+    assert (rec["top_k"], rec["min_p"], rec["repetition_penalty"], rec["seed"]) == (-1, 0.0, 1.0, None)
+    n = server.requests
+    run(recipe(server.base_url, top_k=20, repetition_penalty=1.05), store, GENERAL)  # Qwen2.5's generation_config
+    new = server.log[n:]
+    assert new and server.requests == 2 * n  # a different sampling is a different request: not from the cache
+    assert all(e["extra"] == {"top_k": 20, "min_p": 0.0, "repetition_penalty": 1.05} for e in new)
+    assert json.loads(table(store)[0]["sampling"])["top_k"] == 20
+
+
+def test_send_seed_sends_and_records_the_seed(server, tmp_path):
+    store = RunStore(tmp_path)
+    run(recipe(server.base_url, send_seed=True, seed=5), store, GENERAL)
+    assert all(isinstance(e["seed"], int) for e in server.log)
+    assert json.loads(table(store)[0]["sampling"])["seed"] == 5

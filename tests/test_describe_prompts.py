@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,9 @@ def test_recipe_overrides_prompt_sampling():
     ps = load_prompt_sets(DescribeConfig())["fishery"]
     s = resolve_sampling(ps.spec.sampling, DescribeConfig(n_per_question=3, temperature=0.5, stop=["."]))
     assert (s["n"], s["temperature"], s["stop"], s["max_tokens"]) == (3, 0.5, ["."], ps.spec.sampling.max_tokens)
+    assert (s["top_k"], s["min_p"], s["repetition_penalty"]) == (-1, 0.0, 1.0)  # explicit "off" values
+    s = resolve_sampling(ps.spec.sampling, DescribeConfig(top_k=40, min_p=0.05, repetition_penalty=1.1))
+    assert (s["top_k"], s["min_p"], s["repetition_penalty"]) == (40, 0.05, 1.1)
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -99,8 +103,13 @@ def test_vllm_compose_service_is_local_keyed_and_parametrised():
 
     spec = yaml.safe_load((ROOT / "docker" / "vllm.compose.yaml").read_text())
     svc = spec["services"]["vllm"]
-    assert svc["image"].startswith("vllm/vllm-openai:")
-    assert "${VLLM_MODEL:-" in svc["command"][svc["command"].index("--model") + 1]
+    image, tag = svc["image"].split(":", 1)
+    assert image == "vllm/vllm-openai" and "latest" not in tag and re.search(r"v\d+\.\d+\.\d+", tag), tag  # pinned
+    cmd = svc["command"]
+    assert "${VLLM_MODEL:-" in cmd[0] and "--model" not in cmd  # the model is `vllm serve`'s positional argument
+    assert cmd[cmd.index("--generation-config") + 1] == "vllm"  # no sampling defaults from generation_config.json
+    assert svc["profiles"] == ["gpu"]  # `docker compose up` on a CPU-only host does not try to start it
+    assert any(v.endswith(":/root/.cache/huggingface") for v in svc["volumes"])  # the HF cache is mounted
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
     assert "VLLM_API_KEY" in svc["environment"] and "?" in svc["environment"]["VLLM_API_KEY"]
     assert DescribeConfig().api_key_env == "VLLM_API_KEY" and DescribeConfig().base_url.endswith(":8000/v1")

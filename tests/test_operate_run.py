@@ -73,8 +73,10 @@ def built(tmp_path_factory, prefect_harness, tiny_clip_dir):
     out = tmp / "run"
     factory = mock.create_autospec(HfApi)
     api = factory.return_value
+    api.repo_exists.return_value = False  # a new repo: data, then the card, straight to main
     api.create_repo.return_value = mock.Mock(url=f"https://huggingface.co/datasets/{REPO}")
     api.upload_folder.return_value = mock.Mock(commit_url=f"https://huggingface.co/datasets/{REPO}/commit/0abc")
+    api.upload_file.return_value = mock.Mock(commit_url=f"https://huggingface.co/datasets/{REPO}/commit/0abd")
     cap = _Capture()
     # every record at INFO and above, Prefect's own loggers (which do not propagate) included; Prefect
     # also ships them to its API, whose database the token test scans
@@ -150,17 +152,147 @@ def test_report_tolerates_missing_stages_and_escapes_text(built, tmp_path):
 
 
 # ----------------------------------------------------------------------------- upload
+def _calls(api) -> list[str]:
+    return [name for name, _, _ in api.mock_calls if "." not in name]
+
+
 def test_flow_upload_step_calls_the_hub_with_the_checked_folder(built):
+    """A new repo: the data files first (resumable upload_folder), then the card in one commit, on main."""
     factory, api = built["factory"], built["api"]
     assert factory.call_count == 1 and factory.call_args.kwargs == {"token": PLANTED}
+    assert _calls(api) == ["repo_exists", "create_repo", "upload_folder", "upload_file"]
     api.create_repo.assert_called_once_with(REPO, repo_type="dataset", private=True, exist_ok=True)
     kw = api.upload_folder.call_args.kwargs
     folder = Path(kw["folder_path"])
     assert folder == built["out"] / "upload" / "dataset"
-    assert kw["repo_id"] == REPO and kw["repo_type"] == "dataset"
-    assert kw["delete_patterns"] == ["data/*.parquet"]  # stale shards on the Hub are removed in the same commit
+    assert kw["repo_id"] == REPO and kw["repo_type"] == "dataset" and kw["revision"] is None
+    assert kw["allow_patterns"] == ["data/*.parquet"]  # the data only: the card comes last
+    assert kw["delete_patterns"] == ["data/*.parquet"]  # stale shards on the Hub are removed in the same commits
+    card = api.upload_file.call_args.kwargs
+    assert card["path_in_repo"] == "README.md" and card["path_or_fileobj"] == str(folder / "README.md")
+    assert card["repo_id"] == REPO and card["repo_type"] == "dataset" and card["revision"] is None
+    api.merge_pull_request.assert_not_called()
     rec = json.loads((built["out"] / "upload" / "upload.json").read_text())
-    assert rec["repo_id"] == REPO and rec["rows"] == built["result"]["samples"]
+    assert rec["repo_id"] == REPO and rec["rows"] == built["result"]["samples"] and rec["pr"] is None
+    assert rec["commit"].endswith("/commit/0abd")  # the card's commit: the last one
+
+
+def _hub_online(mp: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    mp.setenv("HF_HUB_OFFLINE", "0")
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_existing_repo_gets_a_pull_request_merged_after_the_card(built, tmp_path):
+    from huggingface_hub import HfApi
+
+    from pipeline.store import RunStore
+    from pipeline.upload import upload_run
+
+    run = tmp_path / "run"
+    shutil.copytree(built["out"], run)
+    api = mock.create_autospec(HfApi, instance=True)
+    api.repo_exists.return_value = True
+    api.get_repo_discussions.return_value = iter([])
+    api.upload_folder.return_value = mock.Mock(pr_revision="refs/pr/7", pr_num=7, commit_url="c1")
+    with pytest.MonkeyPatch.context() as mp:
+        _hub_online(mp)
+        res = upload_run(RunStore(run), REPO, api=api)
+    assert _calls(api) == ["repo_exists", "create_repo", "get_repo_discussions", "upload_folder", "upload_file",
+                           "merge_pull_request"]
+    data = api.upload_folder.call_args.kwargs
+    assert data["create_pr"] is True and "revision" not in data and data["commit_message"].startswith("ALive")
+    assert api.upload_file.call_args.kwargs["revision"] == "refs/pr/7"  # the card joins the data on the PR
+    assert api.merge_pull_request.call_args.args == (REPO, 7) and res["pr"] == 7
+    # Interrupted after the data: the re-run finds the open PR by its title and finishes it.
+    title = data["commit_message"]
+    api2 = mock.create_autospec(HfApi, instance=True)
+    api2.repo_exists.return_value = True
+    api2.get_repo_discussions.return_value = iter([mock.Mock(title="someone else's PR", git_reference="refs/pr/6", num=6),
+                                                   mock.Mock(title=title, git_reference="refs/pr/7", num=7)])
+    with pytest.MonkeyPatch.context() as mp:
+        _hub_online(mp)
+        upload_run(RunStore(run), REPO, api=api2)
+    again = api2.upload_folder.call_args.kwargs
+    assert again["revision"] == "refs/pr/7" and "create_pr" not in again
+    assert api2.upload_file.call_args.kwargs["revision"] == "refs/pr/7"
+    assert api2.merge_pull_request.call_args.args == (REPO, 7)
+
+
+def _local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and ".cache" not in p.parts}
+
+
+def test_upload_against_a_local_hub_server(built, tmp_path, monkeypatch):
+    """The real HfApi against a local server answering the Hub API calls used: a new repo gets data then
+    card on main; a second upload to the now existing repo goes through a pull request; a failure before
+    the merge leaves main with the previous data + card, and the re-run finishes the same pull request."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from hub_server import LocalHub
+
+    from pipeline.store import RunStore
+    from pipeline.upload import UploadError, upload_run
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # xet needs a CAS server
+    _hub_online(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(built["out"], run)
+    store = RunStore(run)
+    with LocalHub() as hub:
+        api = HfApi(endpoint=hub.url, token=PLANTED)
+        res = upload_run(store, REPO, api=api)
+        assert [k for k, _ in hub.calls] == ["repo_info", "create_repo", "list_tree", "preupload", "commit",
+                                             "validate_yaml", "preupload", "commit"]
+        assert {r for _, r in hub.calls if r} == {"main"} and res["pr"] is None
+        first = _local_files(run / "upload" / "dataset")
+        on_hub = hub.files(REPO)
+        assert on_hub.pop(".gitattributes") and on_hub == first  # the card and data files, byte for byte
+        assert hub.tokens == {f"Bearer {PLANTED}"}
+
+        # The repo exists now: the next upload (webdataset added, so new files and a new card) uses a PR.
+        hub.calls.clear()
+        hub.fail_merges = 1
+        with pytest.raises(UploadError, match="HTTP 500"):
+            upload_run(store, REPO, include_webdataset=True, api=api)
+        assert ("commit_new_pr", "main") in hub.calls and ("commit", "refs/pr/1") in hub.calls
+        on_hub = hub.files(REPO)
+        on_hub.pop(".gitattributes")
+        assert on_hub == first  # main untouched: the old card still describes the old data
+        second = _local_files(run / "upload" / "dataset")
+        assert any(k.startswith("webdataset/") for k in second) and second["README.md"] != first["README.md"]
+
+        hub.calls.clear()
+        res = upload_run(store, REPO, include_webdataset=True, api=api)
+        kinds = [k for k, _ in hub.calls]
+        assert "commit_new_pr" not in kinds and kinds[-1] == "merge" and res["pr"] == 1  # the same PR, finished
+        on_hub = hub.files(REPO)
+        on_hub.pop(".gitattributes")
+        assert on_hub == second
+        assert [p["status"] for p in hub.prs[REPO]] == ["merged"]
+
+
+def test_token_from_hf_auth_login_when_hf_token_is_unset(built, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pipeline import upload
+    from pipeline.store import RunStore
+
+    saved = tmp_path / "token"
+    saved.write_text(PLANTED + "\n")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(saved))
+    _hub_online(monkeypatch)
+    factory = mock.create_autospec(huggingface_hub.HfApi)
+    factory.return_value.repo_exists.return_value = False
+    monkeypatch.setattr(upload, "HfApi", factory)
+    run = tmp_path / "run"
+    shutil.copytree(built["out"], run)
+    upload.upload_run(RunStore(run), REPO)
+    assert factory.call_args.kwargs == {"token": PLANTED}
+    assert PLANTED.encode() not in (run / "upload" / "upload.json").read_bytes()
 
 
 def test_uploaded_folder_loads_with_datasets(built):
@@ -190,6 +322,7 @@ def test_upload_with_webdataset_then_without_leaves_no_stale_files(built, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(built["out"], run)
     api = mock.create_autospec(HfApi, instance=True)
+    api.repo_exists.return_value = False
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "0")
         import huggingface_hub
@@ -200,11 +333,15 @@ def test_upload_with_webdataset_then_without_leaves_no_stale_files(built, tmp_pa
     tars = sorted(p.name for p in (run / "shards" / "wds").glob("*.tar"))
     assert sorted(p.name for p in (folder / "webdataset").glob("*.tar")) == tars
     assert (folder / "webdataset" / "sizes.json").is_file()
-    assert "## Webdataset shards" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    # the uploaded card's open_clip command downloads the shards, then trains from the local copy
+    assert "## Train with open_clip" in card and f"hf download {REPO} --repo-type dataset" in card
+    assert "--train-data 'alive-data/webdataset/{" in card and "--train-num-samples" in card
     assert api.upload_folder.call_args.kwargs["delete_patterns"] == ["data/*.parquet", "webdataset/*"]
     api.create_repo.assert_called_once_with(REPO, repo_type="dataset", private=False, exist_ok=True)
     prepare(RunStore(run), include_webdataset=False)
     assert not (folder / "webdataset").exists()
+    assert "## Train with open_clip" not in (folder / "README.md").read_text()  # no shards in that repo
 
 
 def test_upload_refuses_offline_missing_token_bad_repo_and_unfinished_runs(built, tmp_path, monkeypatch):
@@ -220,7 +357,8 @@ def test_upload_refuses_offline_missing_token_bad_repo_and_unfinished_runs(built
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(UploadError, match="HF_TOKEN is not set"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no saved login
+    with pytest.raises(UploadError, match="no Hugging Face token: run `hf auth login`"):
         upload_run(store, REPO)
     for bad in ("no-slash", "a/b/c", "../x", "", None):
         with pytest.raises(UploadError, match="ORG/NAME"):

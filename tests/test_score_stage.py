@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -198,6 +199,51 @@ def test_embeddings_in_clip_retrieval_layout(run):
     ev = store.path("score", "eval_embeddings")
     assert len(list((ev / "img_emb").glob("*.npy"))) == 1 and not (ev / "text_emb").exists()
     assert score.part_number(recipe, "farm", train_parts[-1][1]) == "00100001"  # source 1, part 1
+
+
+def test_embeddings_read_the_way_clip_retrieval_indexes_them(run):
+    """clip-retrieval's index step (autofaiss over embedding_reader) takes every img_emb_*.npy in name
+    order as one matrix and the metadata_*.parquet files in the same order as its rows; `back` maps a hit
+    to a metadata row by position. No part may be empty and the rows must line up."""
+    _, recipe, store, units = run
+    root = store.path("score", "embeddings")
+    npys = sorted((root / "img_emb").glob("*.npy"))
+    metas = sorted((root / "metadata").glob("*.parquet"))
+    assert [p.stem.split("_")[-1] for p in npys] == [p.stem.split("_")[-1] for p in metas]
+    shapes = [np.load(p, mmap_mode="r").shape for p in npys]  # embedding_reader reads the npy headers first
+    assert all(n > 0 for n, _ in shapes) and len({d for _, d in shapes}) == 1
+    emb = np.concatenate([np.load(p) for p in npys])
+    meta = pa.concat_tables(pq.read_table(p) for p in metas)
+    assert emb.shape[0] == meta.num_rows
+    assert meta["key"].to_pylist() == meta["uid"].to_pylist() and meta["key"].null_count == 0
+    scores = pa.concat_tables(pq.read_table(store.path(layout.score_part(s, i))) for s, i in units if s != "bench")
+    embedded = {u for u, r in zip(scores["uid"].to_pylist(), scores["drop_reason"].to_pylist()) if r != "failed_to_embed"}
+    assert set(meta["key"].to_pylist()) == embedded
+    # position i of the index is metadata row i: its stored score is the cosine with its own text embedding
+    text = np.concatenate([np.load(p) for p in sorted((root / "text_emb").glob("*.npy"))])
+    i = meta.num_rows // 2
+    cos = float(emb[i].astype(np.float32) @ text[i].astype(np.float32))
+    assert abs(cos - meta["clip_score"][i].as_py()) < 3e-3
+
+
+def test_empty_embedding_part_writes_no_files(tmp_path):
+    store = RunStore(tmp_path)
+    meta = emb_io.METADATA.empty_table().drop_columns(["key"])
+    full = pa.table({"image_path": ["a.jpg"], "caption": ["c"], "uid": ["u1"], "source": ["s"], "domain": ["crops"],
+                     "class_name": ["x"], "sha256": ["h"], "clip_score": pa.array([0.3], pa.float32())})
+    v = np.ones((1, 8), np.float32) / np.sqrt(8)
+    emb_io.write_part(store, "train", "00000007", v, full, v)
+    emb_io.write_part(store, "train", "00000007", np.zeros((0, 8), np.float32), meta, np.zeros((0, 8), np.float32))
+    p = emb_io.paths(store, "train", "00000007")
+    assert not p["img"].exists() and not p["text"].exists() and not p["meta"].exists()  # stale files removed too
+    img, m = emb_io.read_part(store, "train", "00000007")
+    assert img.shape == (0, 8) and m.num_rows == 0
+    emb_io.write_part(store, "train", "00000007", v, full, v)
+    assert p["img"].exists() and not p["empty"].exists()
+    assert pq.read_table(p["meta"])["key"].to_pylist() == ["u1"]
+    p["img"].unlink()
+    with pytest.raises(FileNotFoundError, match="img_emb_00000007.npy"):
+        emb_io.read_part(store, "train", "00000007")
 
 
 def test_best_of_k_picks_the_highest_candidate(run, tiny_clip_dir):

@@ -134,9 +134,13 @@ class LLMBackend:
                                                cfg.require_class_mention)
 
     # ----- identity -----
+    def sampling(self, pset: PromptSet) -> dict[str, Any]:
+        """The sampling parameters this backend actually uses for a prompt set (recorded and cache-keyed)."""
+        return pset.sampling
+
     def sampling_key(self, pset: PromptSet) -> dict[str, Any]:
         """Everything besides the messages that changes an answer (n excluded: a transport detail)."""
-        s = {k: v for k, v in pset.sampling.items() if k != "n"}
+        s = {k: v for k, v in self.sampling(pset).items() if k != "n"}
         return {**s, "api": self.cfg.api, "extra_body": self.cfg.extra_body}
 
     def version(self) -> str:
@@ -231,9 +235,9 @@ class LLMBackend:
         cached = self._sampling_cache.get(pset.sha)
         if cached is not None:
             return cached
-        self._sampling_cache[pset.sha] = out = json.dumps({**pset.sampling, "api": self.cfg.api, **({"extra_body": self.cfg.extra_body}
-                                                                    if self.cfg.extra_body else {})},
-                          sort_keys=True)
+        extra = {"extra_body": self.cfg.extra_body} if self.cfg.extra_body else {}
+        self._sampling_cache[pset.sha] = out = json.dumps({**self.sampling(pset), "api": self.cfg.api, **extra},
+                                                          sort_keys=True)
         return out
 
     def generate(self, items: list[WorkItem], todo: list[int], cache: RequestCache, res: Results) -> None:
@@ -274,10 +278,21 @@ class OpenAIBackend(LLMBackend):
         self._warn = _Warner()
 
     # ----- requests -----
+    def sampling(self, pset: PromptSet) -> dict[str, Any]:
+        """The prompt set's sampling; the seed only when it is sent (``describe.send_seed``)."""
+        return pset.sampling if self.cfg.send_seed else {**pset.sampling, "seed": None}
+
     def payload(self, it: WorkItem, n: int, seed: Optional[int]) -> dict[str, Any]:
+        """The JSON body of one request.
+
+        Every sampling parameter is sent, the vLLM ones (top_k, min_p, repetition_penalty) included:
+        vLLM fills the unsent ones from the model's generation_config, so the captions would not be
+        sampled the way the recipe (and the recorded ``sampling``) says.
+        """
         s = it.pset.sampling
         body: dict[str, Any] = {"model": self.cfg.model, "n": n, "temperature": s["temperature"],
-                                "top_p": s["top_p"], "max_tokens": s["max_tokens"]}
+                                "top_p": s["top_p"], "top_k": s["top_k"], "min_p": s["min_p"],
+                                "repetition_penalty": s["repetition_penalty"], "max_tokens": s["max_tokens"]}
         if self.cfg.api == "chat":
             body["messages"] = list(it.prompt.messages)
         else:
@@ -373,7 +388,7 @@ class OpenAIBackend(LLMBackend):
         remaining = list(it.missing)
         while remaining:
             n = len(remaining) if self._n_ok else 1
-            seed = _derive_seed(it.pset.sampling["seed"], it.label, remaining[0])
+            seed = _derive_seed(self.sampling(it.pset)["seed"], it.label, remaining[0])
             body = self.payload(it, n, seed)
             try:
                 choices, usage = await self._post(client, sem, path, body, it.label, c)
@@ -543,10 +558,14 @@ class TransformersBackend(LLMBackend):
                         torch.manual_seed(seed)
                     kw: dict[str, Any] = dict(max_new_tokens=s["max_tokens"], num_return_sequences=m,
                                               pad_token_id=tok.pad_token_id)
+                    # Every parameter explicit: generate() otherwise takes the model's generation_config
+                    # (top_k 50 by default), which the recorded sampling would not show.
+                    kw["repetition_penalty"] = s["repetition_penalty"]
                     if s["temperature"] > 0:
-                        kw.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"])
+                        kw.update(do_sample=True, temperature=s["temperature"], top_p=s["top_p"],
+                                  top_k=max(s["top_k"], 0), min_p=s["min_p"] or None)
                     else:
-                        kw.update(do_sample=False)
+                        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                     if s["stop"]:
                         kw.update(stop_strings=s["stop"], tokenizer=tok)
                     with torch.inference_mode():

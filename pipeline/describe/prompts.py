@@ -31,9 +31,15 @@ class _Strict(BaseModel):
 
 
 class Sampling(_Strict):
+    """Sampling settings of a prompt set. Every one is sent with each request: vLLM otherwise fills the
+    unsent ones from the model's generation_config (Qwen2.5: top_k 20, repetition_penalty 1.05)."""
+
     n: int = Field(10, ge=1)
     temperature: float = Field(0.99, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1: off (every token).")
+    min_p: float = Field(0.0, ge=0, le=1, description="0: off.")
+    repetition_penalty: float = Field(1.0, gt=0, description="1: off.")
     max_tokens: int = Field(60, ge=1)
     stop: list[str] = Field(default_factory=list)
 
@@ -121,6 +127,9 @@ def resolve_sampling(spec: Sampling, cfg: DescribeConfig) -> dict[str, Any]:
         "n": cfg.n_per_question if cfg.n_per_question is not None else spec.n,
         "temperature": cfg.temperature if cfg.temperature is not None else spec.temperature,
         "top_p": cfg.top_p if cfg.top_p is not None else spec.top_p,
+        "top_k": cfg.top_k if cfg.top_k is not None else spec.top_k,
+        "min_p": cfg.min_p if cfg.min_p is not None else spec.min_p,
+        "repetition_penalty": cfg.repetition_penalty if cfg.repetition_penalty is not None else spec.repetition_penalty,
         "max_tokens": cfg.max_tokens if cfg.max_tokens is not None else spec.max_tokens,
         "stop": list(cfg.stop) if cfg.stop is not None else list(spec.stop),
         "seed": cfg.seed,

@@ -34,12 +34,18 @@ def article(word: str) -> str:
 
 
 def resolve_prompts_dir(path: str) -> Path:
+    """The prompts folder a recipe names: a path (absolute or from the working directory), else the shipped
+    ``prompts/`` when the recipe keeps the default name."""
+    from ..assets import asset_dir
+
     p = Path(path)
     if p.is_dir():
         return p
+    if path.rstrip("/") == "prompts":
+        return asset_dir("prompts")
     if (PROJECT_ROOT / p).is_dir():
         return PROJECT_ROOT / p
-    raise FileNotFoundError(f"prompts folder {path!r} not found (looked in . and {PROJECT_ROOT})")
+    raise FileNotFoundError(f"prompts folder {path!r} not found (looked in . and {PROJECT_ROOT}); fix describe.prompts")
 
 
 class TemplateBackend:

@@ -322,7 +322,10 @@ class FilterStage(Stage):
         for role, units in (("train", train), ("eval", evals)):
             for s, i in units:
                 files = layout.embedding_files(role, part_number(recipe, s, i))
-                inputs += [files["img"], files["meta"]]
+                if store.path(files["empty"]).is_file() and not store.path(files["img"]).is_file():
+                    inputs.append(files["empty"])  # a part with nothing embedded
+                else:
+                    inputs += [files["img"], files["meta"]]
         return [Unit("all", config={"final": [CODE_VERSION, _cfg_subset(recipe.score, FINAL_KEYS)]},
                      inputs=tuple(inputs), payload=(train, evals))]
 

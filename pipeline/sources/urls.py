@@ -18,7 +18,11 @@ from .base import PartSpec, RawSample, SourceError, spool
 
 def _download(src: URLSource, out: Path) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import checks for updates over the network
-    from img2dataset import download
+    try:
+        from img2dataset import download
+    except ImportError:
+        raise SourceError(f"source {src.name!r} (kind: urls) downloads with img2dataset, which is not installed: "
+                          'pip install "alive-factory[urls]", then pip uninstall -y dataclasses') from None
 
     fmt = "parquet" if src.path.endswith(".parquet") else "csv"
     extra = [src.label_column] if src.label_column else None

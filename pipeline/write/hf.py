@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 
+from .. import layout
 from ..store import RunStore, write_parquet_atomic
 from ..tables import HF_ROWS
 
@@ -28,11 +29,16 @@ def write_hf_shard(store: RunStore, rows: pa.Table, shard: int, n_shards: int) -
         [rows["image"].combine_chunks(), pa.array([f"{k}.jpg" for k in rows["key"].to_pylist()], pa.string())],
         fields=list(HF_ROWS.field("image").type),
     )
+    from .wds import _column
+
     cols = {"image": image}
     for f in HF_ROWS:
         if f.name != "image":
-            cols[f.name] = rows[f.name] if f.name in rows.column_names else pa.nulls(n, f.type)
+            cols[f.name] = _column(rows, f.name, n)
     meta = {b"huggingface": json.dumps({"info": {"features": hf_features()}}).encode()}
     table = pa.table(cols).cast(HF_ROWS).replace_schema_metadata(meta)
-    write_parquet_atomic(store.path("shards", "hf", "data", f"train-{shard:05d}-of-{n_shards:05d}.parquet"), table,
-                         row_group_size=1000)
+    # Statistics (hence a page index with min/max) on the metadata columns, so readers can filter by page;
+    # none on the image bytes, where min/max say nothing.
+    stats_cols = [f.name for f in HF_ROWS if f.name != "image"]
+    write_parquet_atomic(store.path(layout.hf_file(shard, n_shards)), table,
+                         row_group_size=1000, write_statistics=stats_cols)
