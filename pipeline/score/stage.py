@@ -212,7 +212,7 @@ def _score_train_part(recipe: Recipe, store: RunStore, source: str, part_path: P
         raise ValueError(f"{pair_path}: {len(missing)} uids (e.g. {missing[0]}) are not successful rows of "
                          f"{part_path}; re-run the pair stage")
     rows = ingest.take(pa.array([pos[u] for u in uids], pa.int64()))
-    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
+    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.compile)
     t0 = time.perf_counter()
     img, errors = enc.encode_images(rows["image"].to_pylist())
     stats.add("image_seconds", round(time.perf_counter() - t0, 4))
@@ -282,7 +282,7 @@ def _embed_eval_part(recipe: Recipe, store: RunStore, source: str, part_path: Pa
                      stats: StageStats) -> pa.Table:
     cfg = recipe.score
     rows = _read_ingest(part_path)
-    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
+    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.compile)
     img, errors = enc.encode_images(rows["image"].to_pylist())
     ok = np.array([e is None for e in errors], dtype=bool)
     sel = rows.filter(pa.array(ok))
