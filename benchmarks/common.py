@@ -109,6 +109,12 @@ def paired_rounds(rounds: int, sides: dict[str, Callable[[], Any]], log: Optiona
     return out
 
 
+def load_range(rounds: Sequence[dict], sides: Sequence[str]) -> dict[str, float]:
+    """Lowest and highest 1-minute load seen around any timed side of any round."""
+    vals = [r[s][k] for r in rounds for s in sides for k in ("load_before", "load_after")]
+    return {"min": min(vals), "max": max(vals)}
+
+
 def stats(values: Sequence[float], higher_is_better: bool = True) -> dict[str, float]:
     """Mean, median and worst of per-round values."""
     vals = list(values)

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx  # noqa: E402
 
-from common import finish, load1, paired_rounds, stats  # noqa: E402
+from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
 from pipeline.describe import ClassInfo, run  # noqa: E402
 from pipeline.describe.llm import OpenAIBackend, _derive_seed  # noqa: E402
 from pipeline.recipe import parse_recipe  # noqa: E402
@@ -115,7 +115,8 @@ def bench_server(name: str, latency: float, args, cls: list[ClassInfo], tokenize
             st = run(recipe, store, cls)
             dt = time.perf_counter() - t0
             assert st.counters["cache_hits"] == 0 and st.counters["requests"] == len(bodies), st.counters
-            return {"seconds": dt, "tokens_out": st.counters["tokens_out"], "tokens_per_s": st.counters["tokens_out"] / dt}
+            out = st.counters["tokens_out"]
+            return {"seconds": dt, "tokens_out": out, "tokens_per_s": out / dt}
 
         def base() -> dict:
             return asyncio.run(bare_client(base_url, bodies, args.concurrency, 300))
@@ -123,8 +124,9 @@ def bench_server(name: str, latency: float, args, cls: list[ClassInfo], tokenize
         if not args.no_warmup:
             ours(), base()  # warm-up: imports, tokenizer, connection setup, the server's first requests
         rounds = paired_rounds(args.rounds, {"ours": ours, "bare_client": base}, lambda r, rec: print(
-            f"{name} round {r}: bare {rec['bare_client']['tokens_per_s']:.0f} tok/s ({rec['bare_client']['seconds']:.2f}s)"
-            f"  ours {rec['ours']['tokens_per_s']:.0f} tok/s ({rec['ours']['seconds']:.2f}s)  load {load1()}",
+            f"{name} round {r}: bare {rec['bare_client']['tokens_per_s']:.0f} tok/s "
+            f"({rec['bare_client']['seconds']:.2f}s)  ours {rec['ours']['tokens_per_s']:.0f} tok/s "
+            f"({rec['ours']['seconds']:.2f}s)  load {load1()}",
             flush=True))
     finally:
         proc.terminate()
@@ -137,8 +139,7 @@ def bench_server(name: str, latency: float, args, cls: list[ClassInfo], tokenize
             "ours_tokens_per_s": stats([r["ours"]["tokens_per_s"] for r in rounds])["median"],
             "bare_tokens_per_s": stats([r["bare_client"]["tokens_per_s"] for r in rounds])["median"],
             "overhead_mean": ov["mean"], "overhead_median": ov["median"], "overhead_worst": ov["worst"],
-            "load": {"min": min(min(r[s]["load_before"], r[s]["load_after"]) for r in rounds for s in ("ours", "bare_client")),
-                     "max": max(max(r[s]["load_before"], r[s]["load_after"]) for r in rounds for s in ("ours", "bare_client"))},
+            "load": load_range(rounds, ("ours", "bare_client")),
             "rounds": rounds}
 
 

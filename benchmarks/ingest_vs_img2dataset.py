@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, finish, load1, paired_rounds, run_cmd, stats  # noqa: E402
+from common import ROOT, finish, load1, load_range, paired_rounds, run_cmd, stats  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -172,8 +172,7 @@ def main() -> None:
                "shards_per_process": args.shards_per_process,
                "peak_rss_mb": {"ours": max(r["ours"]["peak_rss_mb"] for r in rounds),
                                "img2dataset": max(r["img2dataset"]["peak_rss_mb"] for r in rounds)},
-               "load": {"min": min(min(r[s]["load_before"], r[s]["load_after"]) for r in rounds for s in ("ours", "img2dataset")),
-                        "max": max(max(r[s]["load_before"], r[s]["load_after"]) for r in rounds for s in ("ours", "img2dataset"))}}
+               "load": load_range(rounds, ("ours", "img2dataset"))}
     stage = {k: statistics.median(r["ours"]["stage_task_seconds"][k] for r in rounds)
              for k in rounds[0]["ours"]["stage_task_seconds"]}
     summary["ours_stage_task_seconds"] = stage

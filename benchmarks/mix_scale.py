@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import finish, load1, paired_rounds, stats  # noqa: E402
+from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
 
 SHARES = {"crops": 0.45, "livestock": 0.20, "fishery": 0.12, "general": 0.23}
 SPEC = dict(shares=SHARES, class_temperature=2.0, class_cap=20000, max_repeats=3, total=None)
@@ -297,12 +297,12 @@ def main() -> None:
         "ours": round(sec["ours"]["median"], 3), "baseline": round(sec["polars"]["median"], 3), "unit": "s",
         "speedup": round(vs["polars"]["median"], 3), "speedup_mean": round(vs["polars"]["mean"], 3),
         "speedup_worst": round(vs["polars"]["worst"], 3), "baseline_name": "polars",
-        "speedup_vs_pandas": round(vs["pandas"]["median"], 3), "speedup_vs_pandas_worst": round(vs["pandas"]["worst"], 3),
+        "speedup_vs_pandas": round(vs["pandas"]["median"], 3),
+        "speedup_vs_pandas_worst": round(vs["pandas"]["worst"], 3),
         "rounds": args.rounds, "rows": args.rows, "seconds": sec, "peak_rss_mb": rss,
         "max_share_error_pt": err, "rows_out": rounds[0]["ours"]["rows_out"],
         "same_bucket_rows": {b: plans[b] == plans["ours"] for b in ("polars", "pandas")},
-        "load": {"min": min(min(r[k]["load_before"], r[k]["load_after"]) for r in rounds for k in sides),
-                 "max": max(max(r[k]["load_before"], r[k]["load_after"]) for r in rounds for k in sides)},
+        "load": load_range(rounds, list(sides)),
         "target": {"faster_than": ["polars", "pandas"], "least_peak_rss": True, "max_share_error_pt": 0.01},
     }
     summary["met"] = bool(vs["polars"]["median"] > 1 and vs["pandas"]["median"] > 1

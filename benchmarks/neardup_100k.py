@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import finish, load1, paired_rounds, stats  # noqa: E402
+from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
 
 from pipeline.score import filters as F  # noqa: E402
 
@@ -104,8 +104,7 @@ def main() -> None:
                "speedup_worst": round(sp["worst"], 3), "rounds": args.rounds, "seconds": sec, "n": args.n,
                "dim": args.dim, "tau": args.tau, "pairs": len(got["ours"]), "recall": recall, "precision": precision,
                "peak_rss_mb": round(peak_mb), "threads": 2,
-               "load": {"min": min(min(r[k]["load_before"], r[k]["load_after"]) for r in rounds for k in ("ours", "faiss")),
-                        "max": max(max(r[k]["load_before"], r[k]["load_after"]) for r in rounds for k in ("ours", "faiss"))},
+               "load": load_range(rounds, ("ours", "faiss")),
                "target": {"speedup": 1.0, "recall": 0.99}}
     summary["met"] = bool(sp["median"] >= 1.0 and recall >= 0.99)
     finish("neardup_100k", summary, rounds, vars(args), ["numpy", "torch", "faiss-cpu"], args.results)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import finish, load1, paired_rounds, stats  # noqa: E402
+from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
 
 CLASSES = ["tomato early blight", "corn common rust", "healthy wheat", "holstein cow", "merino sheep",
            "atlantic salmon", "rainbow trout", "banana leaf nitrogen deficiency"]
@@ -212,11 +212,13 @@ def main() -> None:
         tower_ips, flops = tw["ours"], tw["flops"]
         e2e_ips = args.images / med["ours_k1"]
         per_dtype[dt] = {
-            "ours_pairs_per_s": len(images) * args.k / med["ours_k"], "docs_pairs_per_s": len(images) * args.k / med["docs_k"],
+            "ours_pairs_per_s": len(images) * args.k / med["ours_k"],
+            "docs_pairs_per_s": len(images) * args.k / med["docs_k"],
             "speedup": sp["median"], "speedup_mean": sp["mean"], "speedup_worst": sp["worst"],
             "speedup_k1": sp1["median"], "speedup_k1_mean": sp1["mean"], "speedup_k1_worst": sp1["worst"],
             "ours_k1_images_per_s": e2e_ips, "docs_k1_images_per_s": args.images / med["docs_k1"],
-            "tower_images_per_s": tower_ips, "tower_eager_images_per_s": tw["eager"], "tower_gflop_per_image": flops / 1e9,
+            "tower_images_per_s": tower_ips, "tower_eager_images_per_s": tw["eager"],
+            "tower_gflop_per_image": flops / 1e9,
             "gemm_gflops": ceiling[dt], "tower_share_of_gemm": tower_ips * flops / 1e9 / ceiling[dt],
             "ours_share_of_gemm": e2e_ips * flops / 1e9 / ceiling[dt],
             "ours_vs_docs_max_abs": float(np.abs(scores[dt]["ours"] - scores[dt]["docs"]).max()),
@@ -246,8 +248,8 @@ def main() -> None:
         print(f"{dt}: ours {r['ours_pairs_per_s']:.1f} pairs/s vs docs loop {r['docs_pairs_per_s']:.1f}: "
               f"k={args.k} {r['speedup']:.2f}x (mean {r['speedup_mean']:.2f}, worst {r['speedup_worst']:.2f}), "
               f"k=1 {r['speedup_k1']:.2f}x; tower {r['tower_images_per_s']:.1f} img/s = "
-              f"{100 * r['tower_share_of_gemm']:.0f}% of {r['gemm_gflops']:.0f} GFLOP/s (eager {r['tower_eager_images_per_s']:.1f} "
-              f"img/s); ours end to end "
+              f"{100 * r['tower_share_of_gemm']:.0f}% of {r['gemm_gflops']:.0f} GFLOP/s "
+              f"(eager {r['tower_eager_images_per_s']:.1f} img/s); ours end to end "
               f"{100 * r['ours_share_of_gemm']:.0f}%; |ours - docs| <= {r['ours_vs_docs_max_abs']:.1e}")
     summary = {"ours": round(head["ours_pairs_per_s"], 2), "baseline": round(head["docs_pairs_per_s"], 2),
                "unit": "pairs/s", "speedup": round(head["speedup"], 3), "speedup_mean": round(head["speedup_mean"], 3),
@@ -257,10 +259,7 @@ def main() -> None:
                "compile": compile_,
                "model": "tiny-random-clip" if args.tiny else "ViT-B/32 (random weights)",
                "per_dtype": per_dtype, "gemm_gflops": ceiling, "parity": parity,
-               "load": {"min": min(min(r[s]["load_before"], r[s]["load_after"]) for rr in all_rounds.values()
-                                   for r in rr for s in ("ours_k", "docs_k")),
-                        "max": max(max(r[s]["load_before"], r[s]["load_after"]) for rr in all_rounds.values()
-                                   for r in rr for s in ("ours_k", "docs_k"))},
+               "load": load_range([r for rr in all_rounds.values() for r in rr], list(sides)),
                "target": {"speedup": 1.5, "bf16_tower_share_of_gemm": 0.5}}
     summary["met"] = bool(head["speedup"] >= 1.5 and head["speedup_k1"] >= 1.5)
     finish("score_vs_naive", summary, [], vars(args), ["torch", "transformers", "tokenizers", "pillow", "numpy"],
