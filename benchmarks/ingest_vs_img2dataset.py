@@ -1,9 +1,18 @@
-"""Ingest + resize + webdataset write of local JPEGs: this pipeline vs img2dataset, same files, same processes.
+"""Whole `alive build` vs the whole `img2dataset` CLI: local photos -> 256 px webdataset shards.
 
-Both tools get the same photo-like JPEGs (1024-2048 px), 2 processes, shorter side -> 256 px, JPEG
-quality 92, webdataset output. Prints img/s of both and the ratio; last line is the JSON summary.
+Same work on both sides: the same photo-like JPEGs (1-4 MP), the same processes (2), shorter side
+-> 256 px (img2dataset ``keep_ratio``, never upscaling), JPEG quality 92, webdataset shards with
+jpg/txt/json per sample, and at least 4 shards per process on both sides (img2dataset's unit of work
+is the shard: with one shard one process would do everything). Ours is `alive build` on an
+imagefolder recipe with template captions, no scoring, no mixing, webdataset output only;
+img2dataset gets the same files as ``file://`` URLs with the same caption per image, run as its docs
+show (``img2dataset --url_list ... --output_format webdataset``). Both are whole processes started
+fresh each round (start-up included, as a user pays it), after one untimed warm-up run each.
 
-    python benchmarks/ingest_vs_img2dataset.py [--n 1000] [--processes 2] [--images DIR]
+Also measured: the fixed cost (both tools on 4 images) and, from ours' summary.json, the task-seconds
+of each stage, so per-image cost and where the time goes are visible.
+
+    python benchmarks/ingest_vs_img2dataset.py [--n 1000] [--processes 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -12,16 +21,21 @@ import argparse
 import json
 import os
 import shutil
+import statistics
+import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, finish, load1, load_range, paired_rounds, run_cmd, stats  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+CAPTION = "a photo of a plant."
 
 
 def _make_one(args: tuple[Path, int]) -> None:
@@ -41,7 +55,7 @@ def _make_one(args: tuple[Path, int]) -> None:
 
 
 def make_images(folder: Path, n: int, processes: int) -> list[Path]:
-    cls = folder / "photos"
+    cls = folder / "plant"
     cls.mkdir(parents=True, exist_ok=True)
     paths = [cls / f"img{i:05d}.jpg" for i in range(n)]
     todo = [(p, i) for i, p in enumerate(paths) if not p.exists()]
@@ -51,63 +65,132 @@ def make_images(folder: Path, n: int, processes: int) -> list[Path]:
     return paths
 
 
-def run_ours(folder: Path, out: Path, processes: int) -> float:
-    from pipeline import describe, ingest, pair
-    from pipeline import write as writer
-    from pipeline.recipe import parse_recipe
-    from pipeline.store import RunStore
+class Ours:
+    """`alive build` of an imagefolder recipe into a fresh run folder."""
 
-    r = parse_recipe({"name": "bench", "image_size": 256, "sources": [
-        {"name": "photos", "kind": "imagefolder", "domain": "crops", "path": str(folder)}],
-        "ingest": {"part_size": 100, "processes": processes, "jpeg_quality": 92},
-        "score": {"enabled": False}, "mix": {"enabled": False}, "write": {"samples_per_shard": 10000,
-                                                                         "formats": ["webdataset"]}})
-    store = RunStore(out)
-    t0 = time.perf_counter()
-    parts = ingest.plan(r, store)
-    with ProcessPoolExecutor(processes) as ex:
-        list(ex.map(ingest.run_part, [r] * len(parts), [store] * len(parts), parts))
-    describe.run(r, store, describe.collect_classes(r, store))
-    for s, p in ingest.ingested_parts(store, r, "train"):
-        pair.run_part(r, store, s, p)
-    writer.write_all(r, store)
-    return time.perf_counter() - t0
+    def __init__(self, images: Path, work: Path, n: int, processes: int, shards_per_process: int):
+        per = max(1, -(-n // (processes * shards_per_process)))
+        self.recipe = work / "recipe.yaml"
+        self.recipe.write_text(
+            "name: bench\nimage_size: 256\n"
+            f"sources:\n  - {{name: photos, kind: imagefolder, domain: crops, path: {images}}}\n"
+            f"ingest: {{part_size: {per}, processes: {processes}, jpeg_quality: 92}}\n"
+            "describe: {backend: template}\nscore: {enabled: false}\nmix: {enabled: false}\n"
+            f"write: {{samples_per_shard: {per}, formats: [webdataset]}}\n")
+        self.out, self.n, self.k = work / "ours", n, 0
+
+    def __call__(self) -> dict:
+        out = self.out / f"run{self.k}"
+        self.k += 1
+        res = run_cmd([str(BIN / "alive"), "build", "-r", str(self.recipe), "-o", str(out), "--no-progress"], ENV)
+        summary = json.loads((out / "summary.json").read_text())
+        wds = out / "shards" / "wds"
+        samples = sum(json.loads((wds / "sizes.json").read_text()).values())
+        assert samples == self.n, (samples, self.n)
+        stage_s = {k: round(v["seconds"], 3) for k, v in summary["stages"].items()}
+        shutil.rmtree(out, ignore_errors=True)
+        return {"peak_rss_mb": res["peak_rss_mb"], "cpu_seconds": res["cpu_seconds"], "samples": samples,
+                "shards": len(list(wds.glob("*.tar"))) if wds.exists() else summary["shards"]["n_shards"],
+                "stage_task_seconds": stage_s}
 
 
-def run_img2dataset(paths: list[Path], out: Path, processes: int) -> float:
-    from img2dataset import download
+class Img2dataset:
+    """The img2dataset CLI on a CSV of file:// URLs with captions."""
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    url_list = out.parent / "urls.txt"
-    url_list.write_text("\n".join(f"file://{p}" for p in paths) + "\n")
-    t0 = time.perf_counter()
-    download(url_list=str(url_list), output_folder=str(out), processes_count=processes, thread_count=16,
-             image_size=256, resize_mode="keep_ratio", encode_quality=92, output_format="webdataset",
-             input_format="txt", number_sample_per_shard=10000, enable_wandb=False, compute_hash=None)
-    return time.perf_counter() - t0
+    def __init__(self, paths: list[Path], work: Path, processes: int, shards_per_process: int, threads: int):
+        self.urls = work / "urls.csv"
+        self.urls.write_text("url,caption\n" + "".join(f"file://{p},{CAPTION}\n" for p in paths))
+        self.per = max(1, -(-len(paths) // (processes * shards_per_process)))
+        self.processes, self.threads, self.n, self.k = processes, threads, len(paths), 0
+        self.out = work / "i2d"
+
+    def __call__(self) -> dict:
+        out = self.out / f"run{self.k}"
+        self.k += 1
+        cmd = [str(BIN / "img2dataset"), "--url_list", str(self.urls), "--input_format", "csv",
+               "--url_col", "url", "--caption_col", "caption", "--output_folder", str(out),
+               "--output_format", "webdataset", "--processes_count", str(self.processes),
+               "--thread_count", str(self.threads), "--image_size", "256", "--resize_mode", "keep_ratio",
+               "--resize_only_if_bigger", "True", "--encode_quality", "92",
+               "--number_sample_per_shard", str(self.per), "--enable_wandb", "False"]
+        res = run_cmd(cmd, {**ENV, "WANDB_MODE": "disabled"})
+        st = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+        ok = sum(s["successes"] for s in st)
+        assert ok == self.n, (ok, self.n, res["output"][-2000:])
+        shutil.rmtree(out, ignore_errors=True)
+        return {"peak_rss_mb": res["peak_rss_mb"], "cpu_seconds": res["cpu_seconds"], "samples": ok,
+                "shards": len(st)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--processes", type=int, default=2)
-    ap.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "alive-bench-photos-v2")
+    ap.add_argument("--shards-per-process", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=16, help="img2dataset --thread_count")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--fixed-n", type=int, default=4, help="images of the fixed-cost runs")
+    ap.add_argument("--fixed-rounds", type=int, default=3, help="paired rounds of the fixed-cost runs (0: skip)")
+    ap.add_argument("--images", type=Path, default=Path(tempfile.gettempdir()) / "alive-bench-photos-v3")
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs (smoke tests)")
     args = ap.parse_args()
     paths = make_images(args.images, args.n, args.processes)
-    work = Path(tempfile.mkdtemp(prefix="alive-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="alive-bench-ingest-"))
+    log = lambda r, rec: print(  # noqa: E731
+        f"round {r}: ours {rec['ours']['seconds']:.2f}s  img2dataset {rec['img2dataset']['seconds']:.2f}s  "
+        f"load {rec['ours']['load_before']}..{rec['img2dataset']['load_after']}", flush=True)
     try:
-        # Warm the page cache for both tools alike.
-        for p in paths:
+        for p in paths:  # page cache warm for both tools alike
             p.read_bytes()
-        t_base = run_img2dataset(paths, work / "i2d" / "out", args.processes)
-        t_ours = run_ours(args.images, work / "ours", args.processes)
+        (work / "full").mkdir(exist_ok=True)
+        ours = Ours(args.images, work / "full", args.n, args.processes, args.shards_per_process)
+        base = Img2dataset(paths, work / "full", args.processes, args.shards_per_process, args.threads)
+        if not args.no_warmup:
+            ours(), base()  # warm-up: imports and bytecode, page cache of both installs
+        rounds = paired_rounds(args.rounds, {"ours": ours, "img2dataset": base}, log)
+        fixed_rounds: list = []
+        if args.fixed_rounds:
+            small = args.images.parent / (args.images.name + "-fixed")
+            small_paths = make_images(small, args.fixed_n, args.processes)
+            (work / "fixed").mkdir()
+            fo = Ours(small, work / "fixed", args.fixed_n, args.processes, 1)
+            fb = Img2dataset(small_paths, work / "fixed", args.processes, 1, args.threads)
+            fixed_rounds = paired_rounds(args.fixed_rounds, {"ours": fo, "img2dataset": fb})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ours, base = args.n / t_ours, args.n / t_base
-    print(f"img2dataset: {base:.1f} img/s ({t_base:.1f} s)   ours: {ours:.1f} img/s ({t_ours:.1f} s)")
-    print(json.dumps({"benchmark": "ingest_vs_img2dataset", "ours": round(ours, 2), "baseline": round(base, 2),
-                      "unit": "img/s", "speedup": round(ours / base, 3), "images": args.n,
-                      "processes": args.processes, "seconds": round(t_ours, 2)}))
+
+    n = args.n
+    ratio = [r["img2dataset"]["seconds"] / r["ours"]["seconds"] for r in rounds]
+    s_ours = stats([r["ours"]["seconds"] for r in rounds], higher_is_better=False)
+    s_base = stats([r["img2dataset"]["seconds"] for r in rounds], higher_is_better=False)
+    sp = stats(ratio)
+    summary = {"ours": round(n / s_ours["median"], 2), "baseline": round(n / s_base["median"], 2), "unit": "img/s",
+               "speedup": round(sp["median"], 3), "speedup_mean": round(sp["mean"], 3),
+               "speedup_worst": round(sp["worst"], 3), "rounds": args.rounds,
+               "seconds": {"ours": s_ours, "img2dataset": s_base}, "images": n, "processes": args.processes,
+               "shards_per_process": args.shards_per_process,
+               "peak_rss_mb": {"ours": max(r["ours"]["peak_rss_mb"] for r in rounds),
+                               "img2dataset": max(r["img2dataset"]["peak_rss_mb"] for r in rounds)},
+               "load": load_range(rounds, ("ours", "img2dataset"))}
+    stage = {k: statistics.median(r["ours"]["stage_task_seconds"][k] for r in rounds)
+             for k in rounds[0]["ours"]["stage_task_seconds"]}
+    summary["ours_stage_task_seconds"] = stage
+    if fixed_rounds:
+        fo = statistics.median(r["ours"]["seconds"] for r in fixed_rounds)
+        fb = statistics.median(r["img2dataset"]["seconds"] for r in fixed_rounds)
+        per_o = (s_ours["median"] - fo) / (n - args.fixed_n) * 1000
+        per_b = (s_base["median"] - fb) / (n - args.fixed_n) * 1000
+        summary["fixed_cost_s"] = {"ours": fo, "img2dataset": fb}
+        summary["per_image_ms"] = {"ours": per_o, "img2dataset": per_b}
+        summary["speedup_per_image"] = round(per_b / per_o, 3) if per_o > 0 else None
+    summary["target"] = {"speedup": 2.0, "speedup_per_image": 3.0, "fixed_cost_below_baseline": True}
+    summary["met"] = bool(sp["median"] >= 2.0)
+    print(f"ours {summary['ours']} img/s, img2dataset {summary['baseline']} img/s: {sp['median']:.2f}x "
+          f"(mean {sp['mean']:.2f}x, worst {sp['worst']:.2f}x); stage task-seconds {stage}; load {load1()}")
+    finish("ingest_vs_img2dataset", summary, rounds, vars(args),
+           ["img2dataset", "pillow", "opencv-python", "opencv-python-headless", "simplejpeg", "prefect", "pyarrow"],
+           args.results, {"fixed_cost_rounds": fixed_rounds})
 
 
 if __name__ == "__main__":

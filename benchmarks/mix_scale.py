@@ -1,4 +1,4 @@
-"""Mixer at PlantMix scale: 13M pool rows, ours vs a straightforward pandas version of the same spec.
+"""Mixer at PlantMix scale: 13M pool rows, ours vs the same spec written in polars and in pandas.
 
 Input (generation not timed): 3 domains with 2000 Zipf-skewed classes over 10 sources, plus an
 unlabeled general pool, written once to a parquet file. Each implementation then runs in a fresh
@@ -6,7 +6,12 @@ subprocess that reads the file (not timed), mixes (timed) and reports its peak R
 child, input included). Spec: shares crops .45 / livestock .20 / fishery .12 / general .23, class
 temperature 2, class cap 20000, max repeats 3, total "as large as the caps allow".
 
-Usage: python benchmarks/mix_scale.py [--rows 13000000] [--keep DIR]
+Baselines: polars (group_by sizes, a join back, a seeded rank over each group, one lazy plan) and
+pandas with category codes (one group id per row from the codes, one groupby cumcount). The few
+thousand per-group allocations are computed by the same numpy function for both; the time is in the
+per-row work. Sides alternate in paired rounds (fresh process each), after one warm-up each.
+
+Usage: python benchmarks/mix_scale.py [--rows 13000000] [--rounds 5] [--keep DIR]
 The last line printed is the JSON summary.
 """
 
@@ -25,6 +30,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
 
 SHARES = {"crops": 0.45, "livestock": 0.20, "fishery": 0.12, "general": 0.23}
 SPEC = dict(shares=SHARES, class_temperature=2.0, class_cap=20000, max_repeats=3, total=None)
@@ -82,62 +90,85 @@ def make_input(path: Path, rows: int, seed: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the straightforward pandas version of the same spec
+# the baselines: the same spec written competently in pandas and in polars
 # ----------------------------------------------------------------------------------------------
 
 
-def pandas_mix(df, shares: dict, temperature: float, cap: int, max_repeats: int, seed: int):
-    """groupby sizes -> allocations (iterative water-filling) -> seeded per-group rank -> repeats."""
-    import pandas as pd
-
-    cls = df["class_name"].cat.add_categories(["__unlabeled__"]).fillna("__unlabeled__")
-    grouped = df.groupby([df["domain"], cls], observed=True, sort=False)
-    gid = grouped.ngroup()
-    sizes = grouped.size().rename("n").reset_index()  # row i = group i
-    unl = sizes["class_name"] == "__unlabeled__"
-    sizes["cap"] = np.where(unl, sizes["n"] * min(cap, max_repeats), np.minimum(cap, sizes["n"] * max_repeats))
-    sizes["cap1"] = np.where(unl, sizes["n"], np.minimum(cap, sizes["n"]))
-    sizes["w"] = np.where(unl, sizes["n"], sizes["n"] ** (1.0 / temperature))
-    bcap = sizes.groupby("domain", observed=True)[["cap", "cap1"]].sum()
-    s = pd.Series(shares)
-    once = (bcap["cap1"] / s).max()
-    total = int(np.floor(min(once, (bcap["cap"] / s).min()) + 1e-9))
+def allocate(dom: np.ndarray, n: np.ndarray, unl: np.ndarray, domains: list[str], shares: dict, temperature: float,
+             cap: int, max_repeats: int) -> np.ndarray:
+    """Rows per group (a few thousand groups: not where the time goes): bucket rows by largest
+    remainder, then per bucket a proportional split to n ** (1 / T), clamped to the caps, excess re-spread."""
+    gcap = np.where(unl, n * min(cap, max_repeats), np.minimum(cap, n * max_repeats)).astype(np.int64)
+    cap1 = np.where(unl, n, np.minimum(cap, n))
+    w = np.where(unl, n.astype(float), n ** (1.0 / temperature))
+    s = np.array([shares[d] for d in domains])
+    bcap = np.bincount(dom, gcap, len(domains))
+    bcap1 = np.bincount(dom, cap1, len(domains))
+    total = int(np.floor(min((bcap1 / s).max(), (bcap / s).min()) + 1e-9))
     want = s * total
-    brows = np.floor(want).astype(int)
-    rest = total - brows.sum()
-    brows[(want - brows).sort_values(ascending=False, kind="stable").index[:rest]] += 1
-
-    sizes["a"] = 0
-    for dom, g in sizes.groupby("domain", observed=True, sort=False):
-        target = brows[dom]
-        fixed = pd.Series(False, index=g.index)
-        x = pd.Series(0.0, index=g.index)
-        while True:  # proportional split, clamp to caps, re-spread the excess
-            left = target - g.loc[fixed, "cap"].sum()
+    brows = np.floor(want).astype(np.int64)
+    brows[np.argsort(-(want - brows), kind="stable")[: total - brows.sum()]] += 1
+    a = np.zeros(len(n), np.int64)
+    for b in range(len(domains)):
+        g = np.flatnonzero(dom == b)
+        fixed = np.zeros(len(g), bool)
+        while True:
+            x = np.where(fixed, gcap[g], 0.0)
             free = ~fixed
-            x[free] = left * g.loc[free, "w"] / g.loc[free, "w"].sum()
-            x[fixed] = g.loc[fixed, "cap"]
-            over = free & (x > g["cap"])
+            x[free] = (brows[b] - gcap[g][fixed].sum()) * w[g][free] / w[g][free].sum()
+            over = free & (x > gcap[g])
             if not over.any():
                 break
             fixed |= over
-        a = np.floor(x + 1e-9).astype(int)
-        r = int(target - a.sum())
+        ai = np.floor(x + 1e-9).astype(np.int64)
+        r = int(brows[b] - ai.sum())
         if r:
-            frac = (x - a).where(a < g["cap"], -1.0)
-            a[frac.sort_values(ascending=False, kind="stable").index[:r]] += 1
-        sizes.loc[g.index, "a"] = a
-    base = (sizes["a"] // sizes["n"]).to_numpy()
-    extra = (sizes["a"] % sizes["n"]).to_numpy()
+            frac = np.where(ai < gcap[g], x - ai, -1.0)
+            ai[np.argsort(-frac, kind="stable")[:r]] += 1
+        a[g] = ai
+    return a
+
+
+def pandas_mix(df, shares: dict, temperature: float, cap: int, max_repeats: int, seed: int):
+    """Category codes -> one group id per row -> group sizes -> allocation -> seeded rank per group -> repeats."""
+    import pandas as pd
+
+    domains = list(df["domain"].cat.categories)
+    dcode = df["domain"].cat.codes.to_numpy().astype(np.int64)
+    ccode = df["class_name"].cat.codes.to_numpy().astype(np.int64)  # -1 = unlabeled
+    ncls = len(df["class_name"].cat.categories) + 1
+    gid, keys = pd.factorize(dcode * ncls + ccode + 1, sort=False)
+    n = np.bincount(gid)
+    a = allocate(keys // ncls, n, keys % ncls == 0, domains, shares, temperature, cap, max_repeats)
+    base, extra = a // n, a % n
     # the shuffle-then-cumcount idiom (df.sample(frac=1).groupby(...).cumcount()) on the group ids only
-    g = gid.to_numpy()
     order = np.random.default_rng(seed).permutation(len(df))
     rank = np.empty(len(df), dtype=np.int64)
-    rank[order] = pd.Series(g[order]).groupby(g[order]).cumcount().to_numpy()
-    repeats = (base[g] + (rank < extra[g])).astype("int32")
+    rank[order] = pd.Series(gid[order]).groupby(gid[order], sort=False).cumcount().to_numpy()
+    repeats = (base[gid] + (rank < extra[gid])).astype("int32")
     keep = repeats > 0
     return pd.DataFrame({"uid": df["uid"][keep].reset_index(drop=True), "repeats": repeats[keep],
                          "bucket": df["domain"][keep].reset_index(drop=True)})
+
+
+def polars_mix(df, shares: dict, temperature: float, cap: int, max_repeats: int, seed: int):
+    """group_by sizes -> allocation -> join back -> seeded rank over each group -> repeats (lazy, one plan)."""
+    import polars as pl
+
+    keys = ["domain", "class_name"]
+    sizes = df.group_by(keys).agg(pl.len().alias("n"))
+    domains = sorted(shares, key=list(shares).index)
+    dom = sizes["domain"].cast(pl.String).replace_strict({d: i for i, d in enumerate(domains)},
+                                                          return_dtype=pl.Int64).to_numpy()
+    n = sizes["n"].to_numpy().astype(np.int64)
+    a = allocate(dom, n, sizes["class_name"].is_null().to_numpy(), domains, shares, temperature, cap, max_repeats)
+    sizes = sizes.with_columns(base=pl.Series(a // n).cast(pl.Int32), extra=pl.Series(a % n)).drop("n")
+    r = pl.Series("r", np.random.default_rng(seed).permutation(df.height))
+    return (df.lazy().with_columns(r)
+            .join(sizes.lazy(), on=keys, how="left", nulls_equal=True)
+            .with_columns(repeats=pl.col("base") + (pl.col("r").rank("ordinal").over(keys) <= pl.col("extra")))
+            .filter(pl.col("repeats") > 0)
+            .select("uid", "repeats", bucket="domain").collect())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +206,7 @@ def worker(kind: str, path: str) -> None:
         by_bucket = dict(zip(sums["bucket"], sums["repeats_sum"]))
         unique = man.num_rows
         extra = {"report_max_share_error_pt": report["max_share_error_pt"]}
-    else:
+    elif kind == "pandas":
         import pandas as pd
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -188,6 +219,17 @@ def worker(kind: str, path: str) -> None:
         dt, cpu = time.perf_counter() - t0, _cpu() - c0
         by_bucket = {str(k): int(v) for k, v in out.groupby("bucket", observed=True)["repeats"].sum().items()}
         unique = len(out)
+        extra = {}
+    else:
+        import polars as pl
+
+        df = pl.read_parquet(path)
+        c0, t0 = _cpu(), time.perf_counter()
+        out = polars_mix(df, SHARES, SPEC["class_temperature"], SPEC["class_cap"], SPEC["max_repeats"], seed=0)
+        dt, cpu = time.perf_counter() - t0, _cpu() - c0
+        sums = out.group_by("bucket").agg(pl.col("repeats").sum())
+        by_bucket = {str(k): int(v) for k, v in zip(sums["bucket"], sums["repeats"])}
+        unique = out.height
         extra = {}
     res = {
         "seconds": dt,
@@ -220,8 +262,9 @@ def measure(kind: str, path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=13_000_000)
-    ap.add_argument("--repeat", type=int, default=1, help="Runs per implementation (best time is reported).")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--keep", type=Path, default=None, help="Folder for the input parquet (kept).")
+    ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -235,35 +278,39 @@ def main() -> None:
         t0 = time.perf_counter()
         make_input(path, args.rows)
         print(f"input: {args.rows} rows written to {path} in {time.perf_counter() - t0:.1f}s (not timed)")
-    runs = {"ours": [], "pandas": []}
-    for _ in range(args.repeat):
-        for kind in runs:
-            r = measure(kind, path)
-            runs[kind].append(r)
-            print(f"{kind:>6}: {r['seconds']:.2f}s ({r['cpu_seconds']:.2f}s CPU), peak RSS {r['peak_rss_mb']:.0f} MB, "
-                  f"{r['rows_out']} rows ({r['unique']} unique), max share error {r['max_share_error_pt']:.6f} pt")
-    ours = min(runs["ours"], key=lambda r: r["seconds"])
-    base = min(runs["pandas"], key=lambda r: r["seconds"])
-    same_plan = ours["rows_by_bucket"] == base["rows_by_bucket"]
+    sides = {k: (lambda k=k: measure(k, path)) for k in ("ours", "polars", "pandas")}
+    measure("polars", path), measure("pandas", path)  # warm-up: page cache, bytecode
+
+    def log(r: int, rec: dict) -> None:
+        print(f"round {r}: " + "  ".join(f"{k} {rec[k]['seconds']:.2f}s {rec[k]['peak_rss_mb']:.0f} MB" for k in sides)
+              + f"  load {load1()}", flush=True)
+
+    rounds = paired_rounds(args.rounds, sides, log)
     if tmp is not None:
         tmp.cleanup()
-    print(json.dumps({
-        "benchmark": "mix_scale",
-        "ours": round(ours["seconds"], 3),
-        "baseline": round(base["seconds"], 3),
-        "unit": "s",
-        "speedup": round(base["seconds"] / ours["seconds"], 2),
-        "rows": args.rows,
-        "seconds": {"ours": round(ours["seconds"], 3), "pandas": round(base["seconds"], 3)},
-        "cpu_seconds": {"ours": round(ours["cpu_seconds"], 3), "pandas": round(base["cpu_seconds"], 3)},
-        "load_average_1m": round(os.getloadavg()[0], 2),
-        "peak_rss_mb": {"ours": round(ours["peak_rss_mb"]), "pandas": round(base["peak_rss_mb"])},
-        "max_share_error_pt": ours["max_share_error_pt"],
-        "baseline_max_share_error_pt": base["max_share_error_pt"],
-        "rows_out": ours["rows_out"],
-        "same_bucket_rows_as_baseline": same_plan,
-        "targets": {"seconds": 5.0, "peak_rss_mb": 1500, "max_share_error_pt": 0.01},
-    }))
+    sec = {k: stats([r[k]["seconds"] for r in rounds], higher_is_better=False) for k in sides}
+    rss = {k: max(r[k]["peak_rss_mb"] for r in rounds) for k in sides}
+    vs = {b: stats([r[b]["seconds"] / r["ours"]["seconds"] for r in rounds]) for b in ("polars", "pandas")}
+    err = max(r["ours"]["max_share_error_pt"] for r in rounds)
+    plans = {k: rounds[0][k]["rows_by_bucket"] for k in sides}
+    summary = {
+        "ours": round(sec["ours"]["median"], 3), "baseline": round(sec["polars"]["median"], 3), "unit": "s",
+        "speedup": round(vs["polars"]["median"], 3), "speedup_mean": round(vs["polars"]["mean"], 3),
+        "speedup_worst": round(vs["polars"]["worst"], 3), "baseline_name": "polars",
+        "speedup_vs_pandas": round(vs["pandas"]["median"], 3),
+        "speedup_vs_pandas_worst": round(vs["pandas"]["worst"], 3),
+        "rounds": args.rounds, "rows": args.rows, "seconds": sec, "peak_rss_mb": rss,
+        "max_share_error_pt": err, "rows_out": rounds[0]["ours"]["rows_out"],
+        "same_bucket_rows": {b: plans[b] == plans["ours"] for b in ("polars", "pandas")},
+        "load": load_range(rounds, list(sides)),
+        "target": {"faster_than": ["polars", "pandas"], "least_peak_rss": True, "max_share_error_pt": 0.01},
+    }
+    summary["met"] = bool(vs["polars"]["median"] > 1 and vs["pandas"]["median"] > 1
+                          and rss["ours"] < min(rss["polars"], rss["pandas"]) and err <= 0.01)
+    print(f"ours {sec['ours']['median']:.2f}s {rss['ours']:.0f} MB; polars {sec['polars']['median']:.2f}s "
+          f"{rss['polars']:.0f} MB; pandas {sec['pandas']['median']:.2f}s {rss['pandas']:.0f} MB (medians of "
+          f"{args.rounds} rounds); share error {err:.2e} pt")
+    finish("mix_scale", summary, rounds, vars(args), ["pyarrow", "numpy", "pandas", "polars"], args.results)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,8 @@ class ScoreConfig(_Model):
         "auto", description="auto: fp16 on CUDA, bf16 on CPUs with AMX/AVX512-BF16, else fp32."
     )
     batch_size: int = Field(64, ge=1)
+    compile: bool = Field(False, description="torch.compile the image tower: tens of seconds once per process, "
+                          "then faster (about 1.5x on a bf16 CPU); pays from a few thousand images.")
     best_of_k: bool = Field(True, description="Keep the best-scoring of an image's caption candidates.")
     min_score: Optional[float] = 0.25
     top: Optional[TopFraction] = None

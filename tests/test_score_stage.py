@@ -383,3 +383,26 @@ def test_cli_summary(run):
     assert "duplicate_near" in res.output and "ALL" in res.output
     res = CliRunner().invoke(app, ["summary", str(store.root / "nope")])
     assert res.exit_code == 1 and "run the score stage" in res.output
+
+
+def test_compiled_encoder_pads_short_batches_and_keeps_scores(tiny_clip_dir, monkeypatch):
+    """score.compile: every forward pass gets the full batch shape; the rows kept are the real ones."""
+    import torch
+
+    from pipeline.score.encoder import Encoder
+
+    shapes: list[int] = []
+
+    def fake_compile(fn, **kw):  # compiling for real takes tens of seconds; the padding is what is tested
+        def run(pixel_values):
+            shapes.append(len(pixel_values))
+            return fn(pixel_values=pixel_values)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    images = [_raw(i) for i in range(11)]
+    eager, _ = Encoder(str(tiny_clip_dir), device="cpu", dtype="fp32", batch_size=4).encode_images(images)
+    comp = Encoder(str(tiny_clip_dir), device="cpu", dtype="fp32", batch_size=4, compile=True)
+    got, errors = comp.encode_images(images)
+    assert errors == [None] * 11 and shapes == [4, 4, 4]
+    assert got.shape == eager.shape and np.abs(got - eager).max() < 1e-5

@@ -56,10 +56,14 @@ class Encoder:
         dtype: 'auto', 'fp32', 'bf16' or 'fp16'.
         batch_size: images (and texts) per forward pass.
         text_cache_size: captions whose embeddings are kept in memory.
+        compile: run the image tower through ``torch.compile`` (fused kernels; on a bf16 CPU about 1.5x
+            the eager tower). Compiling takes tens of seconds once per process (less with inductor's
+            on-disk cache), so it pays from a few thousand images. Every batch is then padded to
+            ``batch_size`` rows: one fixed shape, compiled once.
     """
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64,
-                 text_cache_size: int = 200_000):
+                 text_cache_size: int = 200_000, compile: bool = False):
         import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -86,16 +90,24 @@ class Encoder:
         self._cache_size = text_cache_size
         self._lock = threading.Lock()  # one forward pass at a time: tasks may share this encoder across threads
         self._torch = torch
+        self.compiled = bool(compile)
+        self._image_fn = self.model.get_image_features
+        if self.compiled:
+            self._image_fn = torch.compile(self.model.get_image_features, dynamic=False)
         self.cache_hits = 0
         self.cache_misses = 0
 
     # ----- images -----
     def _forward_images(self, pixels) -> np.ndarray:
         torch = self._torch
+        n = len(pixels)
+        if self.compiled and n < self.batch_size:
+            # One shape for the compiled graph: a short batch is filled with copies of its first row.
+            pixels = torch.cat([pixels, pixels[:1].expand(self.batch_size - n, *pixels.shape[1:])])
         with self._lock, torch.inference_mode():
-            out = self.model.get_image_features(pixel_values=pixels.to(self.device, _torch_dtype(self.dtype)))
+            out = self._image_fn(pixel_values=pixels.to(self.device, _torch_dtype(self.dtype)))
             feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-            return feats.float().cpu().numpy()
+            return feats[:n].float().cpu().numpy()
 
     def encode_images(self, images: Sequence[bytes], workers: int = 2) -> tuple[np.ndarray, list[Optional[str]]]:
         """Embed encoded images (JPEG/PNG bytes).
@@ -191,21 +203,23 @@ class Encoder:
 
     def describe(self) -> dict[str, str]:
         return {"model": self.model_id, "device": self.device, "dtype": self.dtype, "type": self.model_type,
-                "preprocess": self.transform.describe()}
+                "preprocess": self.transform.describe(), "compiled": str(self.compiled)}
 
 
 _ENCODERS: dict[tuple, Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def get_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64) -> Encoder:
-    """A process-wide encoder per (model, device, dtype): loaded once, its text cache shared by every part."""
-    key = (str(Path(model).resolve()) if Path(model).exists() else model, device, dtype)
+def get_encoder(model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 64,
+                compile: bool = False) -> Encoder:
+    """A process-wide encoder per (model, device, dtype, compile): loaded once, its text cache shared by every part."""
+    key = (str(Path(model).resolve()) if Path(model).exists() else model, device, dtype, bool(compile))
     with _ENCODERS_LOCK:
         enc = _ENCODERS.get(key)
         if enc is None:
-            enc = Encoder(model, device, dtype, batch_size)
+            enc = Encoder(model, device, dtype, batch_size, compile=compile)
             log.info("score encoder: %s", enc.describe())
             _ENCODERS[key] = enc
-        enc.batch_size = batch_size
+        if not enc.compiled:  # a compiled encoder keeps the batch shape it was compiled for
+            enc.batch_size = batch_size
         return enc

@@ -36,7 +36,7 @@ STAGE = "score"
 FINAL_STAGE = "filter"
 CODE_VERSION = "score-v1"  # bump when a part's output changes for the same input
 # Settings that change a part's embeddings/choices (re-embed) vs only its per-row decisions (cheap).
-EMBED_KEYS = ("model", "device", "dtype", "best_of_k")
+EMBED_KEYS = ("model", "device", "dtype", "compile", "best_of_k")
 ROW_KEYS = ("min_score", "min_side", "max_aspect")
 FINAL_KEYS = ("top", "dedup", "decontaminate", "decontaminate_cosine")
 HIST_EDGES = np.round(np.linspace(-1.0, 1.0, 101), 4)
@@ -204,7 +204,7 @@ def _score_train_part(recipe: Recipe, store: RunStore, source: str, part: int, n
         raise ValueError(f"{pair_path}: {len(missing)} uids (e.g. {missing[0]}) are not successful rows of "
                          f"{part_path}; re-run the pair stage")
     rows = ingest.take(pa.array([pos[u] for u in uids], pa.int64()))
-    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
+    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.compile)
     t0 = time.perf_counter()
     img, errors = enc.encode_images(rows["image"].to_pylist())
     stats.add("image_seconds", round(time.perf_counter() - t0, 4))
@@ -275,7 +275,7 @@ def _embed_eval_part(recipe: Recipe, store: RunStore, source: str, part: int, n:
     """Excluded rows (images that failed to embed) and the embedding files written of one eval part."""
     cfg = recipe.score
     rows = _read_ingest(store.path(layout.ingest_part(source, part)))
-    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size)
+    enc = get_encoder(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.compile)
     img, errors = enc.encode_images(rows["image"].to_pylist())
     ok = np.array([e is None for e in errors], dtype=bool)
     sel = rows.filter(pa.array(ok))
