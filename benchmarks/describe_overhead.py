@@ -4,7 +4,7 @@ Production settings on both sides: the prompt sets' sampling (n=10, temperature 
 60), concurrency 64, and for ours the CLIP tokenizer that bounds every sentence (a local BPE
 tokenizer of the same kind, since nothing is downloaded). Baseline: an httpx.AsyncClient +
 semaphore that only posts the stage's exact request bodies and sums ``usage.completion_tokens``.
-Ours: ``pipeline.describe.run`` on a fresh run folder, so every request is a cache miss; its time
+Ours: the describe stage's work (``pipeline.describe.describe_classes`` + the table write) on a fresh run folder, so every request is a cache miss; its time
 includes planning, the SQLite cache writes, post-processing and writing descriptions.parquet.
 
 Two servers (tests/llm_server.py in its own process, scripted answers): ``fast`` answers at once,
@@ -37,7 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx  # noqa: E402
 
 from common import finish, load1, load_range, paired_rounds, stats  # noqa: E402
-from pipeline.describe import ClassInfo, run  # noqa: E402
+from pipeline import layout  # noqa: E402
+from pipeline.describe import ClassInfo, describe_classes  # noqa: E402
+from pipeline.stats import StageStats  # noqa: E402
+from pipeline.store import write_parquet_atomic  # noqa: E402
 from pipeline.describe.llm import OpenAIBackend, _derive_seed  # noqa: E402
 from pipeline.recipe import parse_recipe  # noqa: E402
 from pipeline.store import RunStore  # noqa: E402
@@ -105,14 +108,15 @@ def bench_server(name: str, latency: float, args, cls: list[ClassInfo], tokenize
         assert backend.count_tokens.kind.startswith("tokenizer:"), backend.count_tokens.kind
         items = backend.plan(cls)
         n = items[0].pset.sampling["n"]
-        bodies = [backend.payload(it, n, _derive_seed(it.pset.sampling["seed"], it.label, 0)) for it in items]
+        bodies = [backend.payload(it, n, _derive_seed(backend.sampling(it.pset)["seed"], it.label, 0)) for it in items]
         k = [0]
 
         def ours() -> dict:
             store = RunStore(work / f"run-{name}-{k[0]}")
             k[0] += 1
             t0 = time.perf_counter()
-            st = run(recipe, store, cls)
+            st = StageStats("describe")  # the describe stage's work: describe, post-process, write the table
+            write_parquet_atomic(store.path(layout.DESCRIPTIONS), describe_classes(recipe.describe, store, cls, st))
             dt = time.perf_counter() - t0
             assert st.counters["cache_hits"] == 0 and st.counters["requests"] == len(bodies), st.counters
             out = st.counters["tokens_out"]

@@ -182,7 +182,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from pipeline.score.encoder import Encoder, cpu_has_fast_bf16, resolve_device_dtype
+    from pipeline.devices import cpu_has_fast_bf16
+    from pipeline.score.encoder import Encoder, resolve_device_dtype
 
     model_dir = build_model(args.model_dir or Path(tempfile.gettempdir()) /
                             ("alive-clip-tiny" if args.tiny else "alive-clip-b32-random"), args.tiny)

@@ -75,17 +75,16 @@ def build_data(root: Path, recipe) -> "RunStore":  # noqa: F821
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import describe, ingest, pair
+    from pipeline import describe, ingest, layout, pair
+    from pipeline.executor import run_stages
     from pipeline.store import RunStore, write_json_atomic
     from pipeline.write.wds import write_wds_shard
 
     store = RunStore(root)
-    for part in ingest.plan(recipe, store):
-        ingest.run_part(recipe, store, part)
-    describe.run(recipe, store, describe.collect_classes(recipe, store))
+    run_stages(recipe, store, ["ingest", "describe"])
     rows = []
-    for _, path in ingest.ingested_parts(store, recipe, role="train"):
-        t = pq.read_table(path)
+    for s_, i in ingest.ingested_parts(store, recipe, role="train"):
+        t = pq.read_table(store.path(layout.ingest_part(s_, i)))
         pairs, _, _ = pair.pair_table(t, describe.load_kept(store), 4, recipe.seed, llm=False)
         cap = dict(zip(pairs["uid"].to_pylist(), pairs["candidates"].to_pylist()))
         rows += [{**r, "caption": cap[r["uid"]][0], "caption_source": "template", "repeat": 0, "clip_score": None}
