@@ -176,7 +176,7 @@ class WriteShardStage(Stage):
         out = []
         for k in range(plan["n_shards"]):
             parts = _rows_parts(store, k)
-            out.append(Unit(f"{k:05d}", config=config, payload=(k, plan["n_shards"], plan["key_width"]),
+            out.append(Unit(f"{k:05d}", config=config, payload=(k, plan["n_shards"], plan["key_width"], parts),
                             inputs=(layout.write_rows(k),) + tuple(layout.ingest_part(s, i) for s, i in parts)))
         return out
 
@@ -184,8 +184,8 @@ class WriteShardStage(Stage):
         """One routing item per ingest part that holds images of a pending shard."""
         need: dict[tuple[str, int], dict[int, str]] = {}
         for pu in pending:
-            k = pu.unit.payload[0]
-            for s, i in _rows_parts(store, k):
+            k, parts = pu.unit.payload[0], pu.unit.payload[3]  # read once, when the units were listed
+            for s, i in parts:
                 need.setdefault((s, i), {})[k] = _spool_dir(pu, k)
         return [(s, i, dirs) for (s, i), dirs in sorted(need.items())]
 
@@ -213,7 +213,7 @@ class WriteShardStage(Stage):
         from .hf import write_hf_shard
         from .wds import write_wds_shard
 
-        shard, n_shards, key_width = unit.payload
+        shard, n_shards, key_width, _ = unit.payload
         store = ctx.store
         rows = pq.read_table(ctx.path(layout.write_rows(shard)))
         spool = ctx.path(_spool_dir(ctx.planned, shard))
