@@ -109,6 +109,9 @@ def open_view(src: HFSource, want_licence: bool = False) -> HFView:
         raise SourceError(f"source {src.name!r}: cannot load {src.id!r} (config {src.config!r}): {e}"
                           f"{_offline_hint()}") from None
     except Exception as e:  # datasets raises many types; all mean "cannot load this source"
+        scripts = sorted(p.name for p in Path(src.id).glob("*.py")) if Path(src.id).is_dir() else []
+        if scripts:  # datasets only names a script called after its folder; any script and no data is the same case
+            raise script_error(src, f"found {', '.join(scripts)} and no data files") from None
         raise SourceError(f"source {src.name!r}: cannot load {src.id!r} split {src.split!r}: {e}"
                           f"{_offline_hint()}") from None
     data_files = builder.config.data_files or {}
