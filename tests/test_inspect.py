@@ -127,3 +127,23 @@ def test_build_stops_before_any_work_naming_every_bad_source(tmp_path):
     assert res.exit_code == 1
     assert "2 of 2 sources cannot be built" in res.output and "- fish" in res.output and "- cattle" in res.output
     assert not out.exists()
+
+
+def test_alive_recipe_label_names_match_the_real_schemas(tmp_path):
+    """recipes/alive.yaml's label control, pointed at stand-ins with the schemas the Hub cards give."""
+    from pipeline.recipe import load_recipe
+    from tests.conftest import ROOT
+
+    alive = load_recipe(ROOT / "recipes" / "alive.yaml")
+    stand_ins = {"animals10": fx.animals10(tmp_path / "animals10"), "cassava": fx.cassava(tmp_path / "cassava"),
+                 "cattle-ssfr": fx.cattle_ssfr(tmp_path / "cattle"), "rice": fx.rice(tmp_path / "rice")}
+    srcs = [alive.source(n).model_copy(update={"id": str(p)}) for n, p in stand_ins.items()]
+    reports = {r.name: r for r in (inspect_source(s) for s in srcs)}
+    assert all(r.ok for r in reports.values()), {n: r.problems for n, r in reports.items()}
+    assert set(reports["animals10"].keeps) == {"Chicken", "Cow", "Horse", "Sheep"}
+    assert reports["cassava"].keeps["Cassava Mosaic Disease (CMD)"] == "cassava mosaic disease"
+    assert reports["cattle-ssfr"].keeps == {"cattle": "cattle"}
+    assert reports["rice"].rows == 6  # the raw config, not the augmented one
+    weeds = alive.source("deepweeds").model_copy(update={"id": str(fx.deepweeds(tmp_path / "deepweeds"))})
+    rep = inspect_source(weeds)
+    assert rep.ok and rep.drops == {"Negative": "label_excluded"} and rep.labels["Negative"] == 8

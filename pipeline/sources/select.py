@@ -42,8 +42,8 @@ def closest(name: str, labels: Iterable[str], n: int = 3) -> list[str]:
     labels = sorted(set(labels))
     low = name.lower()
     contains = [lab for lab in labels if low in lab.lower() or lab.lower() in low]
-    fuzzy = difflib.get_close_matches(name, labels, n=n, cutoff=0.3)
-    fuzzy += difflib.get_close_matches(low, [lab.lower() for lab in labels], n=n, cutoff=0.3)
+    fuzzy = difflib.get_close_matches(name, labels, n=n, cutoff=0.5)
+    fuzzy += difflib.get_close_matches(low, [lab.lower() for lab in labels], n=n, cutoff=0.5)
     lower_to_label = {lab.lower(): lab for lab in labels}
     out: list[str] = []
     for lab in contains + fuzzy:
