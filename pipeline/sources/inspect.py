@@ -131,7 +131,10 @@ def _inspect_parquet(src: Any, rep: SourceReport) -> None:
     vals: list[Any] = []
     rows = 0
     for f in files:
-        pf = parquet_file(f)
+        try:
+            pf = parquet_file(f)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise SourceError(f"{f} is not a readable parquet file: {e}") from None
         cols = pf.schema_arrow.names
         missing = [c for c in (src.image_column, src.label_column, src.caption_column, src.id_column)
                    if c and c not in cols]
@@ -236,6 +239,9 @@ def _judge_labels(src: Any, rep: SourceReport) -> None:
     """Keeps / drops / renames from the labels found, and every recipe label name that matches none."""
     if rep.card_licence and rep.licence and rep.card_licence.lower() != rep.licence.lower():
         rep.notes.append(f"the recipe's licence {rep.licence!r} differs from the card's {rep.card_licence!r}")
+    if rep.rows == 0:
+        rep.problems.append(f"{rep.where} holds no rows (fix the path/split, or remove the source)")
+        return
     if rep.labels is None:
         if not rep.caption_column and src.kind not in ("webdataset",):
             rep.problems.append("no label column and no caption column: nothing to caption")
