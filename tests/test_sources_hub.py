@@ -203,3 +203,23 @@ def test_include_exclude_recipe_builds_shards_with_exactly_the_kept_classes(tmp_
     assert {k[1] for k in got if k[0] == "deepweeds"} == set(want_weeds)
     assert sum(got.values()) == 24 + 16
     assert ("animals10", "Cow", "cow") in got and ("deepweeds", "Chinee apple", "chinee apple weed") in got
+
+
+def test_parquet_and_imagefolder_sources_take_the_same_label_control(tmp_path):
+    root = fx.animals10(tmp_path / "animals10")
+    store = RunStore(tmp_path / "pq")
+    t = _ingested(_recipe({"name": "pq", "kind": "parquet", "domain": "livestock", "path": str(root / "data"),
+                           "exclude_labels": ["Cat", "Dog"], "max_samples": 16, "sample": "stratified"}), store)
+    assert "Cat" not in t["label"].to_pylist() and t.num_rows == 16  # ClassLabel ints read as their names
+    assert set(t["label"].to_pylist()) == set(fx.ANIMALS10) - {"Cat", "Dog"}
+    assert _excluded(store).num_rows == 12
+    folder = tmp_path / "breeds"
+    for c, n in (("Holstein", 4), ("Jersey", 3)):
+        (folder / c).mkdir(parents=True)
+        for i in range(n):
+            (folder / c / f"{i}.jpg").write_bytes(fx.jpeg(i))
+    store = RunStore(tmp_path / "folder")
+    t = _ingested(_recipe({"name": "f", "kind": "imagefolder", "domain": "livestock", "path": str(folder),
+                           "include_labels": ["Jersey"]}), store)
+    assert t["label"].to_pylist() == ["Jersey"] * 3
+    assert _excluded(store)["drop_reason"].to_pylist() == ["label_not_included"] * 4
