@@ -223,3 +223,35 @@ def test_parquet_and_imagefolder_sources_take_the_same_label_control(tmp_path):
                            "include_labels": ["Jersey"]}), store)
     assert t["label"].to_pylist() == ["Jersey"] * 3
     assert _excluded(store)["drop_reason"].to_pylist() == ["label_not_included"] * 4
+
+
+def _wds_dataset(root):
+    """A Hub dataset stored as webdataset tars (DeepFish's format): image + a text label member per key."""
+    import io
+
+    root.mkdir(parents=True)
+    for k in range(2):
+        with tarfile.open(root / f"train-{k:04d}.tar", "w") as tf:
+            for i in range(4):
+                for ext, data in (("jpg", fx.jpeg(10 * k + i)), ("label.txt", [b"fish", b"no fish"][i % 2])):
+                    info = tarfile.TarInfo(f"{k}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_other_hub_formats_read_one_shard_per_unit_and_filter_as_read(tmp_path):
+    from pipeline.sources.inspect import inspect_source
+
+    root = _wds_dataset(tmp_path / "deepfish")
+    src = _hf("deepfish", root, domain="fishery", label_column="label.txt", exclude_labels=["no fish"])
+    parts = ingest.plan(_recipe(src), RunStore(tmp_path / "run"))
+    assert [p.reader for p in parts] == ["hf_stream", "hf_stream"]  # one unit per data-file shard
+    store = RunStore(tmp_path / "run")
+    t = _ingested(_recipe(src), store)
+    assert t["label"].to_pylist() == ["fish"] * 4 and set(t["status"].to_pylist()) == {"success"}
+    assert _excluded(store)["drop_reason"].to_pylist() == ["label_excluded"] * 4
+    with pytest.raises(sources.SourceError, match="stratified needs every row's label"):
+        ingest.plan(_recipe({**src, "max_samples": 2, "sample": "stratified"}), RunStore(tmp_path / "x"))
+    rep = inspect_source(_recipe({**src, "exclude_labels": ["dolphin"]}).sources[0])
+    assert rep.ok and rep.labels_from == "peek" and any("'dolphin'" in n for n in rep.notes)
