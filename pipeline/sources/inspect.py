@@ -239,6 +239,8 @@ def _judge_labels(src: Any, rep: SourceReport) -> None:
     """Keeps / drops / renames from the labels found, and every recipe label name that matches none."""
     if rep.card_licence and rep.licence and rep.card_licence.lower() != rep.licence.lower():
         rep.notes.append(f"the recipe's licence {rep.licence!r} differs from the card's {rep.card_licence!r}")
+    if not rep.licence and not rep.card_licence and src.kind in ("hf", "imagefolder", "parquet", "urls"):
+        rep.notes.append("no licence known (set licence in the recipe): the dataset card will say 'unknown'")
     if rep.rows == 0:
         rep.problems.append(f"{rep.where} holds no rows (fix the path/split, or remove the source)")
         return
