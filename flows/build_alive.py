@@ -26,6 +26,7 @@ from pipeline.executor import Executor, PlannedUnit, Stage, StagePlan, drive, is
 from pipeline.provenance import models_used
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.runner import stage_resources, task_runner_scope
+from pipeline.sources.inspect import preflight
 from pipeline.stats import StageStats
 from pipeline.store import RunStore, write_text_atomic
 
@@ -191,6 +192,9 @@ def build_alive(recipe: str, out: str, overrides: Optional[dict[str, Any]] = Non
     """
     logger = get_run_logger()
     r = load_recipe(recipe, overrides)
+    # every source is opened (cheaply, in parallel) first: one error naming every bad source, nothing ingested
+    reports = preflight(r)
+    logger.info("sources: %d checked, all ok", len(reports))
     store = RunStore(out)
     store.root.mkdir(parents=True, exist_ok=True)
     store.sweep_temp()  # half-written temp files of a killed earlier run

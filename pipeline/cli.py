@@ -81,7 +81,15 @@ def build(
     """Run the build-alive flow (every stage) for RECIPE into OUT."""
     _quiet_prefect()
     overrides = parse_sets(set_)
-    load_recipe_or_exit(recipe, overrides=overrides)  # fail fast, before starting Prefect
+    r = load_recipe_or_exit(recipe, overrides=overrides)  # fail fast, before starting Prefect
+    from .sources import SourceError
+    from .sources.inspect import preflight
+
+    try:
+        preflight(r)  # every source opened cheaply, in parallel: one message naming every bad source
+    except SourceError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
     from .ops.envcheck import EnvironmentProblem, check_environment
 
     try:
@@ -136,6 +144,39 @@ def schema(out: Path = typer.Option(PROJECT_ROOT / "schemas", help="Folder to wr
     for name, text in dump_all().items():
         (out / "tables" / f"{name}.json").write_text(text)
     typer.echo(f"schemas written to {out}")
+
+
+sources_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          help="Look into a recipe's sources before building.")
+app.add_typer(sources_app, name="sources")
+
+
+@sources_app.command("inspect")
+def sources_inspect(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    source: list[str] = typer.Option([], "--source", "-s", help="Only this source (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of text."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, as for build."),
+) -> None:
+    """Open each source cheaply and show its columns, labels (with counts), licence, what the recipe keeps,
+    drops and renames, and what would fail. Exits 1 when any source would fail."""
+    from .sources import SourceError
+    from .sources.inspect import format_report, inspect_recipe
+
+    r = load_recipe_or_exit(recipe, overrides=parse_sets(set_))
+    try:
+        reports = inspect_recipe(r, names=source or None)
+    except SourceError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps([x.to_dict() for x in reports], indent=2, ensure_ascii=False))
+    else:
+        typer.echo("\n\n".join(format_report(x) for x in reports))
+        bad = [x.name for x in reports if not x.ok]
+        typer.echo(f"\n{len(reports) - len(bad)} of {len(reports)} sources ok" + (f"; failing: {bad}" if bad else ""))
+    if any(not x.ok for x in reports):
+        raise typer.Exit(1)
 
 
 def _mount() -> None:

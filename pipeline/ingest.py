@@ -20,11 +20,12 @@ from .executor import Stage, Unit, UnitContext
 from .recipe import Recipe, Source
 from .stats import StageStats
 from .store import RunStore
-from .tables import INGEST
+from .sources.select import label_rule
+from .tables import EXCLUDED, INGEST
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
-CODE_VERSION = "ingest-v1"  # bump when the output of a part changes for the same input
+CODE_VERSION = "ingest-v2"  # bump when the output of a part changes for the same input
 
 
 def make_uid(source: str, orig_id: str) -> str:
@@ -62,18 +63,42 @@ def plan(recipe: Recipe, store: RunStore, names: Optional[Iterable[str]] = None)
     return parts
 
 
-def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: int, max_pixels: int) -> tuple[pa.Table, StageStats]:
-    """Decode, normalise and describe every sample of one part. Pure: no run-store access."""
+def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: int,
+                 max_pixels: int) -> tuple[pa.Table, StageStats, pa.Table]:
+    """Decode, normalise and describe every sample of one part. Pure: no run-store access.
+
+    Returns the part's rows, its stats and its excluded rows (tables.EXCLUDED): rows the recipe's
+    label filters drop, whether the planner set them aside or they are found as the part is read.
+    """
     stats = StageStats(STAGE)
     cols: dict[str, list] = {f.name: [] for f in INGEST}
+    excl: dict[str, list] = {f.name: [] for f in EXCLUDED}
     synthetic = src.kind == "synthetic"
     seen: set[str] = set()
+    rule = label_rule(src)
+
+    def exclude(oid: str, reason: str, detail: str) -> None:
+        stats.drop(reason, example=f"{src.name}:{_utf8_safe(oid)}: {detail}")
+        excl["uid"].append(make_uid(src.name, oid))
+        excl["source"].append(src.name)
+        excl["stage"].append(STAGE)
+        excl["drop_reason"].append(reason)
+        excl["detail"].append(_utf8_safe(detail))
+
+    for oid, _label, reason, detail in part.args.get("excluded") or []:
+        stats.total += 1
+        seen.add(oid)
+        exclude(oid, reason, detail)
     for raw in sources.read(part):
         stats.total += 1
         oid = raw.orig_id
         if oid in seen:  # the same id twice in one source would give the same uid twice
             oid = f"{oid}#dup{stats.total}"
         seen.add(oid)
+        why = rule(raw.label)
+        if why:  # sources whose labels are only known as they are read (tars, streams, URL lists)
+            exclude(oid, *why)
+            continue
         label = raw.label
         if label is not None:
             try:
@@ -113,7 +138,7 @@ def process_part(src: Source, part: sources.PartSpec, image_size: int, quality: 
         cols["status"].append(status)
         cols["error"].append(err)
     stats.add("bytes_out", sum(len(b) for b in cols["image"] if b))
-    return pa.table(cols, schema=INGEST), stats
+    return pa.table(cols, schema=INGEST), stats, pa.table(excl, schema=EXCLUDED)
 
 
 class IngestStage(Stage):
@@ -132,10 +157,12 @@ class IngestStage(Stage):
     def process(self, unit: Unit, ctx: UnitContext) -> None:
         part: sources.PartSpec = unit.payload
         r = ctx.recipe
-        table, stats = process_part(r.source(part.source), part, r.image_size, r.ingest.jpeg_quality,
-                                    r.ingest.max_image_pixels)
+        table, stats, excluded = process_part(r.source(part.source), part, r.image_size, r.ingest.jpeg_quality,
+                                              r.ingest.max_image_pixels)
         ctx.stats = ctx.stats.merge(stats)
         ctx.write_parquet(layout.ingest_part(part.source, part.part), table)
+        if excluded.num_rows:
+            ctx.exclude(excluded)
         ctx.info["rows"] = table.num_rows
 
 

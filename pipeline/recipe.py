@@ -39,9 +39,21 @@ class _SourceBase(_Model):
     name: str = Field(description="Unique source name (lowercase, digits, '_', '-', '.'); used in paths.")
     domain: Domain
     role: Role = Field("train", description="'eval' sources are never written to shards (decontamination, eval).")
-    max_samples: Optional[int] = Field(None, ge=1, description="Keep at most this many samples (first N in order).")
+    max_samples: Optional[int] = Field(
+        None, ge=1, description="Keep at most this many samples (after the label filters), chosen as 'sample' says."
+    )
+    sample: Literal["first", "stratified"] = Field(
+        "first", description="How max_samples picks rows: the first N in source order, or per class in proportion "
+        "to its count (rows chosen by a hash of the seed and the row id), so class-sorted sources keep every class.",
+    )
+    include_labels: Optional[list[str]] = Field(
+        None, description="Keep only rows with these raw labels (checked against the labels the source has)."
+    )
+    exclude_labels: list[str] = Field(
+        default_factory=list, description="Drop rows with these raw labels (recorded in excluded/ingest/ with a reason)."
+    )
     class_names: dict[str, str] = Field(
-        default_factory=dict, description="Overrides: raw label -> natural class name."
+        default_factory=dict, description="Raw label -> natural class name (checked against the source's labels)."
     )
     context: Optional[str] = Field(
         None, description="Words that give class names their context in prompts, e.g. 'tomato leaf'."
@@ -59,6 +71,18 @@ class _SourceBase(_Model):
             )
         return v
 
+    @model_validator(mode="after")
+    def _labels_ok(self) -> "_SourceBase":
+        if self.include_labels is not None and not self.include_labels:
+            raise ValueError(f"source {self.name}: include_labels is empty (leave it out to keep every label)")
+        both = sorted(set(self.include_labels or ()) & set(self.exclude_labels))
+        if both:
+            raise ValueError(f"source {self.name}: labels both included and excluded: {both}")
+        dropped = sorted(set(self.class_names) & set(self.exclude_labels))
+        if dropped:
+            raise ValueError(f"source {self.name}: class_names renames excluded labels {dropped}; drop one of the two")
+        return self
+
 
 class HFSource(_SourceBase):
     kind: Literal["hf"]
@@ -70,6 +94,10 @@ class HFSource(_SourceBase):
     image_column: Optional[str] = Field(None, description="Auto-detected from an Image feature when omitted.")
     label_column: Optional[str] = Field(None, description="Auto-detected (ClassLabel, then a string column).")
     caption_column: Optional[str] = Field(None, description="For general image-text data: keep its captions.")
+    fixed_label: Optional[str] = Field(
+        None, description="Every row gets this raw label: for image-only datasets of a single class "
+        "(the dataset's own label column, if any, is then ignored).",
+    )
 
 
 class ImageFolderSource(_SourceBase):

@@ -71,7 +71,9 @@ def _iter_downloaded(src: URLSource, out: Path) -> Iterator[RawSample]:
                                 error=f"failed_to_download: {row.get('error_message') or row.get('status')}")
 
 
-def plan(src: URLSource, part_size: int, spool_dir: Path) -> list[PartSpec]:
+def plan(src: URLSource, part_size: int, spool_dir: Path, seed: int = 0) -> list[PartSpec]:
+    if src.max_samples and src.sample == "stratified":
+        raise SourceError(f"source {src.name!r}: sample: stratified is not supported for URL lists; use sample: first")
     if not Path(src.path).is_file():
         raise SourceError(f"source {src.name!r}: URL list {src.path} does not exist (fix 'path' in the recipe)")
     out = spool_dir / src.name / "img2dataset"

@@ -1,14 +1,20 @@
-"""WebDataset tar shards (local), spooled into parts."""
+"""WebDataset tar shards (local): one part per tar, or per slice of a counted tar, read inside the units.
+
+A brace pattern need not exist in full: the shards present are used (``alive sources inspect`` says
+how many are missing). With ``max_samples`` only the first shards are opened, as many as it needs:
+their samples are counted from the tar headers (no image bytes are read).
+"""
 
 from __future__ import annotations
 
 import glob as globlib
 import json
+import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 from ..recipe import WebDatasetSource, fingerprint
-from .base import PartSpec, RawSample, SourceError, spool
+from .base import PartSpec, RawSample, SourceError
 
 
 def _tar_urls(path: str) -> list[str]:
@@ -67,13 +73,64 @@ def iter_tar_samples(
             yield RawSample(orig_id=f"{name}/<tar>", label=None, error=f"cannot read tar {url}: {e}")
 
 
-def plan(src: WebDatasetSource, part_size: int, spool_dir: Path) -> list[PartSpec]:
+def count_samples(url: str) -> int:
+    """Samples in a tar: distinct keys (webdataset's rule: the name up to the first dot), from the headers."""
+    keys: set[str] = set()
+    with tarfile.open(url, "r:") as tf:  # uncompressed: member data is skipped by seeking
+        for m in tf:
+            if m.isfile():
+                base = Path(m.name)
+                keys.add(str(base.parent / base.name.split(".", 1)[0]))
+    return len(keys)
+
+
+def present_shards(src: WebDatasetSource) -> tuple[list[str], list[str]]:
     urls = _tar_urls(src.path)
-    missing = [u for u in urls if not Path(u).exists()]
-    if not urls or missing:
+    present = [u for u in urls if Path(u).exists()]
+    return present, [u for u in urls if not Path(u).exists()]
+
+
+def plan(src: WebDatasetSource, part_size: int, spool_dir: Path, seed: int = 0) -> list[PartSpec]:
+    present, missing = present_shards(src)
+    if not present:
         raise SourceError(f"source {src.name!r}: no tar shards at {src.path} (missing: {missing[:3]}); fix 'path'")
-    samples = iter_tar_samples(urls, src.image_key, src.label_key, src.caption_key, src.max_samples)
-    parts = spool(samples, src.name, part_size, spool_dir / src.name, fingerprint(src, "wds-v1"))
+    if src.max_samples and src.sample == "stratified":
+        raise SourceError(f"source {src.name!r}: sample: stratified needs every sample's label before reading, which "
+                          "tar shards do not give; use sample: first")
+    base = fingerprint(src, "wds-v2")
+    parts: list[PartSpec] = []
+    args = {"image_key": src.image_key, "label_key": src.label_key, "caption_key": src.caption_key}
+
+    def add(url: str, start: Optional[int], stop: Optional[int]) -> None:
+        st = Path(url).stat()
+        parts.append(PartSpec(src.name, len(parts), "wds_tar", {**args, "url": url, "start": start, "stop": stop},
+                              fingerprint(base, url, st.st_size, st.st_mtime_ns, start, stop),
+                              (stop - start) if stop is not None else 0))
+
+    if not src.max_samples:
+        for url in present:
+            add(url, None, None)
+        return parts
+    left = src.max_samples
+    for url in present:
+        try:
+            n = min(count_samples(url), left)
+        except (tarfile.TarError, OSError):
+            n = 1  # an unreadable tar: its part records the error as one failed sample
+
+        for start in range(0, n, part_size):
+            add(url, start, min(n, start + part_size))
+        left -= n
+        if left <= 0:
+            break
     if not parts:
         raise SourceError(f"source {src.name!r}: the tar shards at {src.path} hold no samples")
     return parts
+
+
+def read_tar(part: PartSpec) -> Iterator[RawSample]:
+    a = part.args
+    start, stop = a["start"], a["stop"]
+    for i, s in enumerate(iter_tar_samples([a["url"]], a["image_key"], a["label_key"], a["caption_key"], stop)):
+        if start is None or i >= start:
+            yield s
