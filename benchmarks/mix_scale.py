@@ -41,7 +41,7 @@ SOURCES = {"crops": ["plantvillage", "plantdoc", "weeds", "fruits", "nutrients"]
 GENERAL_SOURCES = ["cc3m", "laion"]
 
 
-def _hex_uids(rng: np.random.Generator, rows: int, width: int = 20) -> "pa.Array":
+def _hex_uids(rng: np.random.Generator, rows: int, width: int = 20) -> "pa.Array":  # noqa: F821  (pyarrow imported inside)
     """``rows`` random fixed-width hex strings, built straight into an Arrow string buffer."""
     import pyarrow as pa
 
